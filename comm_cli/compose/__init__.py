@@ -1,0 +1,37 @@
+"""The composition core: plain PyTorch, no Hydra, Accelerate or W&B."""
+
+from comm_cli.compose.blocks import find_blocks, hidden_size, num_layers
+from comm_cli.compose.bridge import Bridge
+from comm_cli.compose.composed import (
+    CompositionCache,
+    CompositionOutput,
+    ComposedModel,
+    causal_lm_loss,
+    check_config,
+)
+from comm_cli.compose.generation import GenerationOutput, generate
+from comm_cli.compose.mapping import resolve_connections
+from comm_cli.compose.saving import CONFIG_NAME, WEIGHTS_NAME
+from comm_cli.compose.specs import AugmentSpec, BridgeConfig, CompositionConfig, MappingSpec, ModelSpec
+
+__all__ = [
+    "AugmentSpec",
+    "Bridge",
+    "BridgeConfig",
+    "CONFIG_NAME",
+    "ComposedModel",
+    "CompositionCache",
+    "CompositionConfig",
+    "CompositionOutput",
+    "GenerationOutput",
+    "MappingSpec",
+    "ModelSpec",
+    "WEIGHTS_NAME",
+    "causal_lm_loss",
+    "check_config",
+    "find_blocks",
+    "generate",
+    "hidden_size",
+    "num_layers",
+    "resolve_connections",
+]

@@ -1,0 +1,64 @@
+"""Cross-attention masks: which augment positions each anchor position may read.
+
+Anchor and augmenting models read the same tokens in the same padded layout, so "augment
+position <= anchor position" is a comparison of column indices; it holds for left and right
+padding alike, and padding columns are never attended.
+
+- causal (default): anchor column i sees augment columns j <= i that are real tokens. This is
+  what keeps the next token from leaking through the augmenting model during training.
+- prompt: every anchor column sees every real prompt column (the augment read only the prompt).
+
+A query with no key at all (a left-padding column) would give NaN in softmax; it is allowed to
+attend anywhere and its output is zeroed through ``query_valid``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CrossAttentionMask:
+    attn_mask: torch.Tensor | None  # bool (batch, 1, queries, keys); None: attend everywhere / is_causal
+    is_causal: bool
+    query_valid: torch.Tensor | None  # bool (batch, queries); None: every query has a key
+
+    def to(self, device: torch.device) -> CrossAttentionMask:
+        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        return CrossAttentionMask(move(self.attn_mask), self.is_causal, move(self.query_valid))
+
+
+def cross_attention_mask(
+    key_valid: torch.Tensor, num_queries: int, query_offset: int, mode: str
+) -> CrossAttentionMask:
+    """Mask for ``num_queries`` anchor columns starting at ``query_offset`` over the augment
+    columns 0..K-1 whose validity is ``key_valid`` (batch, K)."""
+    key_valid = key_valid.bool()
+    batch, num_keys = key_valid.shape
+    all_keys_valid = bool(key_valid.all())
+    if mode == "causal":
+        if all_keys_valid and query_offset == 0 and num_queries == num_keys:
+            return CrossAttentionMask(None, True, None)
+        q_cols = torch.arange(query_offset, query_offset + num_queries, device=key_valid.device)
+        k_cols = torch.arange(num_keys, device=key_valid.device)
+        allowed = key_valid[:, None, :] & (k_cols[None, None, :] <= q_cols[None, :, None])
+    elif mode == "prompt":
+        if all_keys_valid:
+            return CrossAttentionMask(None, False, None)
+        allowed = key_valid[:, None, :].expand(batch, num_queries, num_keys)
+    else:
+        raise ValueError(f"unknown mask mode {mode!r}")
+    has_key = allowed.any(dim=-1)
+    if bool(has_key.all()):
+        return CrossAttentionMask(allowed[:, None], False, None)
+    allowed = allowed | ~has_key[..., None]
+    return CrossAttentionMask(allowed[:, None], False, has_key)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens (0 for padding), as generation does, so a
+    left-padded row gets the same positions as the unpadded sequence."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)

@@ -1,0 +1,100 @@
+"""Saving and loading a composition, in the manner of a PEFT adapter.
+
+A saved composition is a small directory:
+
+    composition_config.json         sorted JSON: comm version, anchor and augment specs (id or
+                                    path, revision, dtype), connections, bridge settings, mask mode
+    composition_model.safetensors   the bridge weights only (keys ``bridges.<i>.<name>``)
+
+Files are written under temporary names and renamed, so an interrupted save never leaves a
+half-written file under the final name. Loading reads JSON and safetensors only: nothing is
+unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import comm_cli
+from comm_cli.compose.specs import CompositionConfig
+from comm_cli.errors import ModelLoadError
+
+CONFIG_NAME = "composition_config.json"
+WEIGHTS_NAME = "composition_model.safetensors"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_composition(model, directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config["comm_version"] = comm_cli.__version__
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.bridge_state_dict().items()}
+    tmp = directory / f".{WEIGHTS_NAME}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt", "comm_version": comm_cli.__version__})
+    os.replace(tmp, directory / WEIGHTS_NAME)
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def read_composition_config(directory: str | Path) -> CompositionConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise ModelLoadError(
+            f"'{directory}' is not a saved composition (no {CONFIG_NAME}): point to a directory written by "
+            "save_pretrained / comm-train"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{path} is not valid JSON ({err}): the save was damaged; re-save the composition") from err
+    return CompositionConfig.from_dict(data)
+
+
+def load_composition(cls, directory, anchor=None, augments=None, device=None):
+    directory = Path(directory)
+    config = read_composition_config(directory)
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise ModelLoadError(f"'{directory}' has no {WEIGHTS_NAME}: the composition was not saved completely")
+    if anchor is None or augments is None:
+        from comm_cli.compose.composed import check_config
+        from comm_cli.compose.loading import load_causal_lm
+
+        check_config(config)
+        if anchor is None:
+            anchor = load_causal_lm(config.anchor, "anchor model", device)
+        if augments is None:
+            augments = [
+                load_causal_lm(spec.model, f"augmenting model {i}", device) for i, spec in enumerate(config.augments)
+            ]
+    model = cls(anchor, list(augments), config)
+    state = load_file(str(weights_path), device="cpu")
+    expected = model.bridge_state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{weights_path} does not match the composition in {CONFIG_NAME} (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}): the directory mixes files of different saves"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ModelLoadError(
+                f"bridge weight {key} has shape {tuple(tensor.shape)} but the models need "
+                f"{tuple(expected[key].shape)}: the composition was saved for other base models"
+            )
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(state[key].to(param.dtype))
+    return model
