@@ -43,7 +43,9 @@ def tiny_config(family: str, width: int = 32, layers: int = 4, heads: int = 4, v
     if family == "gemma":
         return tf.GemmaConfig(**llama_like, head_dim=width // heads)
     if family == "gemma2":
-        return tf.Gemma2Config(**llama_like, head_dim=width // heads, sliding_window=8, query_pre_attn_scalar=width // heads)
+        return tf.Gemma2Config(
+            **llama_like, head_dim=width // heads, sliding_window=8, query_pre_attn_scalar=width // heads
+        )
     if family == "phi3":
         return tf.Phi3Config(**llama_like)
     if family == "gpt2":

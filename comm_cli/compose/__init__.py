@@ -3,9 +3,9 @@
 from comm_cli.compose.blocks import find_blocks, hidden_size, num_layers
 from comm_cli.compose.bridge import Bridge
 from comm_cli.compose.composed import (
+    ComposedModel,
     CompositionCache,
     CompositionOutput,
-    ComposedModel,
     causal_lm_loss,
     check_config,
 )

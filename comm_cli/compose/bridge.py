@@ -103,7 +103,9 @@ class Bridge(nn.Module):
         x = anchor_states.to(device=self.device, dtype=self.dtype)
         queries = self._heads(self.q_proj(x))
         if self.rotary:
-            cos, sin = rotary_cos_sin(positions.to(self.device), self.head_dim, self.rope_theta, queries.dtype)
+            cos, sin = rotary_cos_sin(
+                positions.to(self.device), self.head_dim, self.rope_theta, queries.dtype
+            )
             queries = apply_rotary(queries, cos, sin)
         keys, values = keys.to(queries.dtype), values.to(queries.dtype)
         out = F.scaled_dot_product_attention(

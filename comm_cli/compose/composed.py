@@ -28,7 +28,13 @@ from torch.utils.checkpoint import checkpoint
 
 from comm_cli.compose.blocks import find_blocks, hidden_size, num_layers, truncate_blocks
 from comm_cli.compose.bridge import Bridge
-from comm_cli.compose.loading import canonical_name, dtype_name, load_causal_lm, load_model_config, torch_dtype
+from comm_cli.compose.loading import (
+    canonical_name,
+    dtype_name,
+    load_causal_lm,
+    load_model_config,
+    torch_dtype,
+)
 from comm_cli.compose.mapping import resolve_connections
 from comm_cli.compose.masks import CrossAttentionMask, cross_attention_mask, positions_from_mask
 from comm_cli.compose.specs import AugmentSpec, BridgeConfig, CompositionConfig, MappingSpec, ModelSpec
@@ -102,13 +108,17 @@ class ComposedModel(nn.Module):
         self._anchor_cache_kw = _cache_kwarg(anchor)
 
         if len(augments) != len(config.augments):
-            raise ConfigError(f"{len(augments)} augmenting models given for {len(config.augments)} augment specs")
+            raise ConfigError(
+                f"{len(augments)} augmenting models given for {len(config.augments)} augment specs"
+            )
         self.augments = nn.ModuleList()
         self.bridges = nn.ModuleList()
         self._augment_cache_kw: list[str] = []
         self._augment_configs = []
         self._capture_layers: list[list[int]] = []
-        self.bridge_connections: list[tuple[int, int, int]] = []  # (augment index, augment layer, anchor layer)
+        self.bridge_connections: list[
+            tuple[int, int, int]
+        ] = []  # (augment index, augment layer, anchor layer)
         bridge_dtype = torch_dtype(config.bridge.dtype)
         for index, (augment, spec) in enumerate(zip(augments, config.augments)):
             blocks = find_blocks(augment, spec.model.block_path)
@@ -163,7 +173,9 @@ class ComposedModel(nn.Module):
         for all, or a list of [augment_layer, anchor_layer] pairs); default: every layer pair."""
         augments = [augments] if isinstance(augments, nn.Module) else list(augments)
         if mappings is None:
-            mappings = [MappingSpec(count=min(num_layers(a.config) for a in [anchor, aug])) for aug in augments]
+            mappings = [
+                MappingSpec(count=min(num_layers(a.config) for a in [anchor, aug])) for aug in augments
+            ]
         elif isinstance(mappings, MappingSpec):
             mappings = [mappings] * len(augments)
         elif len(mappings) > 0 and not isinstance(mappings[0], MappingSpec):
@@ -180,13 +192,16 @@ class ComposedModel(nn.Module):
         return cls(anchor, augments, config)
 
     @classmethod
-    def from_config(cls, config: CompositionConfig, device: str | torch.device | None = None) -> ComposedModel:
+    def from_config(
+        cls, config: CompositionConfig, device: str | torch.device | None = None
+    ) -> ComposedModel:
         """Load the base models named by ``config`` and attach fresh bridges. The mapping and
         head count are checked against the model configs before any weights load."""
         check_config(config)
         anchor = load_causal_lm(config.anchor, "anchor model", device)
         augments = [
-            load_causal_lm(spec.model, f"augmenting model {i}", device) for i, spec in enumerate(config.augments)
+            load_causal_lm(spec.model, f"augmenting model {i}", device)
+            for i, spec in enumerate(config.augments)
         ]
         return cls(anchor, augments, config)
 
@@ -213,7 +228,7 @@ class ComposedModel(nn.Module):
     # ------------------------------------------------------------------ frozen bases
 
     def freeze_bases(self) -> None:
-        for module in (self.anchor, *self.augments):
+        for module in (self.anchor, self.augments):
             module.requires_grad_(False)
             module.eval()
 
@@ -222,8 +237,7 @@ class ComposedModel(nn.Module):
         self.training = mode
         self.bridges.train(mode)
         self.anchor.eval()
-        for augment in self.augments:
-            augment.eval()
+        self.augments.eval()
         return self
 
     def bridge_parameters(self) -> Iterator[nn.Parameter]:
@@ -317,7 +331,10 @@ class ComposedModel(nn.Module):
 
         return CompositionCache(
             anchor=DynamicCache(config=self.anchor.config),
-            augments=[DynamicCache(config=cfg) if self.mask_mode == "causal" else None for cfg in self._augment_configs],
+            augments=[
+                DynamicCache(config=cfg) if self.mask_mode == "causal" else None
+                for cfg in self._augment_configs
+            ],
             bridge_kv=[None] * len(self.bridges),
         )
 
@@ -376,7 +393,9 @@ class ComposedModel(nn.Module):
             return kv
 
         if self.mask_mode == "causal":
-            kv = compute_kv(input_ids, attention_mask, position_ids, cache.augments if cache is not None else None)
+            kv = compute_kv(
+                input_ids, attention_mask, position_ids, cache.augments if cache is not None else None
+            )
             if cache is not None:
                 kv = [
                     new if old is None else (torch.cat([old[0], new[0]], 2), torch.cat([old[1], new[1]], 2))
@@ -440,7 +459,13 @@ class ComposedModel(nn.Module):
 
         if self._bridges_enabled:
             self._active = self._bridge_inputs(
-                input_ids, attention_mask, position_ids, full_positions, augment_attention_mask, cache, augment_states
+                input_ids,
+                attention_mask,
+                position_ids,
+                full_positions,
+                augment_attention_mask,
+                cache,
+                augment_states,
             )
         anchor_kwargs = {self._anchor_cache_kw: cache.anchor} if cache is not None else {}
         try:

@@ -34,7 +34,9 @@ def resolve_connections(
     """
     if spec.pairs is not None:
         if len(spec.pairs) == 0:
-            raise MappingError(f"{name}: mapping.pairs is empty: give at least one [augment_layer, anchor_layer] pair")
+            raise MappingError(
+                f"{name}: mapping.pairs is empty: give at least one [augment_layer, anchor_layer] pair"
+            )
         pairs = []
         for pair in spec.pairs:
             if len(pair) != 2:

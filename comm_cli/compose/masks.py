@@ -26,7 +26,7 @@ class CrossAttentionMask:
     query_valid: torch.Tensor | None  # bool (batch, queries); None: every query has a key
 
     def to(self, device: torch.device) -> CrossAttentionMask:
-        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return CrossAttentionMask(move(self.attn_mask), self.is_causal, move(self.query_valid))
 
 

@@ -57,7 +57,9 @@ def read_composition_config(directory: str | Path) -> CompositionConfig:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ModelLoadError(f"{path} is not valid JSON ({err}): the save was damaged; re-save the composition") from err
+        raise ModelLoadError(
+            f"{path} is not valid JSON ({err}): the save was damaged; re-save the composition"
+        ) from err
     return CompositionConfig.from_dict(data)
 
 
@@ -76,7 +78,8 @@ def load_composition(cls, directory, anchor=None, augments=None, device=None):
             anchor = load_causal_lm(config.anchor, "anchor model", device)
         if augments is None:
             augments = [
-                load_causal_lm(spec.model, f"augmenting model {i}", device) for i, spec in enumerate(config.augments)
+                load_causal_lm(spec.model, f"augmenting model {i}", device)
+                for i, spec in enumerate(config.augments)
             ]
     model = cls(anchor, list(augments), config)
     state = load_file(str(weights_path), device="cpu")

@@ -134,7 +134,9 @@ class CompositionConfig:
             )
             _warn_unknown(aug, {"model", "mapping", "connections"}, f"augments[{i}]")
         bridge = _build(BridgeConfig, data, "bridge", required=False)
-        _warn_unknown(data, {"anchor", "augments", "bridge", "mask_mode", "comm_version"}, "composition config")
+        _warn_unknown(
+            data, {"anchor", "augments", "bridge", "mask_mode", "comm_version"}, "composition config"
+        )
         return cls(
             anchor=anchor,
             augments=augments,
@@ -153,7 +155,9 @@ def _require(data: dict, key: str, where: str) -> Any:
 def _warn_unknown(data: dict, known: set[str], where: str) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
-        warnings.warn(f"{where}: ignoring unknown keys {unknown} (written by another comm version?)", stacklevel=3)
+        warnings.warn(
+            f"{where}: ignoring unknown keys {unknown} (written by another comm version?)", stacklevel=3
+        )
 
 
 def _build(cls, data: dict, key: str, where: str = "composition config", required: bool = True):
