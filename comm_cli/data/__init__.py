@@ -1,0 +1,1 @@
+"""Datasets for comm: loading (hub name or local files), tokenisation, collation, synthetic tasks."""

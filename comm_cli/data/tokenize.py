@@ -1,0 +1,195 @@
+"""Turn prompt/completion or plain-text rows into ``input_ids``, ``labels`` and ``prompt_mask``.
+
+- "prompt_completion": ``[bos] + prompt + completion + [eos]``. Prompt and completion are
+  tokenised separately and concatenated, so the boundary between them is exact (a joint
+  tokenisation can merge the last prompt characters with the first completion ones) and the
+  prompt ids are the ones generation will see when it tokenises the prompt alone. ``labels`` are
+  -100 on bos and prompt, so the loss is on the completion (and eos, which teaches stopping).
+- "text": ``[bos] + text + [eos]`` with ``labels == input_ids``.
+
+``prompt_mask`` is 1 on bos and prompt tokens (all tokens for "text"): in CALM's "prompt" mask
+mode the augmenting models read only these, exactly as at generation time, when the prompt
+(bos included) is all there is.
+
+``labels`` are aligned with ``input_ids``; the composition shifts them inside its loss, so the
+label at position 0 never counts.
+
+Over-long examples are cut on the right to ``max_length`` and *counted*: the count is returned in
+``TokenizeStats`` and logged as a warning, never silently applied. Examples left without a single
+token that carries loss (completion cut away entirely, or an empty text) are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+
+from comm_cli.data.loading import DataConfig, ensure_text_fields, text_fields
+from comm_cli.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+COLUMNS = ("input_ids", "labels", "prompt_mask")
+_TRUNCATED = "_comm_truncated"
+_KEEP = "_comm_keep"
+
+
+@dataclass(frozen=True)
+class TokenizeStats:
+    """What tokenisation did to a split, so the caller can report or assert on it.
+
+    ``num_truncated`` counts examples longer than ``max_length`` (cut on the right), whether kept or
+    not; ``num_dropped`` counts examples removed because no token carried loss after truncation
+    (completion cut away) or the example was empty.
+    """
+
+    num_examples: int
+    num_kept: int
+    num_truncated: int
+    num_dropped: int
+    max_length: int
+
+
+def tokenize_split(
+    dataset: datasets.Dataset, tokenizer: Any, cfg: DataConfig, *, split_name: str = "train"
+) -> tuple[datasets.Dataset, TokenizeStats]:
+    """Tokenise ``dataset`` per ``cfg.format``; return the tokenised split and its ``TokenizeStats``.
+
+    The result has exactly the columns ``input_ids``, ``labels`` and ``prompt_mask`` (lists of ints,
+    unpadded; ``CompletionCollator`` pads them). ``split_name`` only labels the log messages.
+    The stats come from per-row columns rather than counters in the map function, so they stay
+    right when ``datasets`` serves the map from its cache.
+    """
+    fields = text_fields(cfg)
+    if cfg.max_length < 2:
+        raise DataError(f"data.max_length={cfg.max_length} leaves nothing to predict; use at least 2 tokens")
+    dataset = ensure_text_fields(dataset, fields, f"the {split_name!r} split")
+    bos = tokenizer.bos_token_id if cfg.add_bos else None
+    eos = None
+    if cfg.add_eos:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise DataError(
+                "data.add_eos is set but the tokenizer has no eos token; give it one or set data.add_eos=false"
+            )
+
+    function = functools.partial(
+        _tokenize_batch,
+        tokenizer=tokenizer,
+        fields=fields,
+        text_format=cfg.format == "text",
+        bos=bos,
+        eos=eos,
+        max_length=cfg.max_length,
+    )
+    tokenized = dataset.map(
+        function,
+        batched=True,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        desc=f"Tokenizing {split_name}",
+    )
+    num_examples = len(tokenized)
+    num_truncated = sum(tokenized[_TRUNCATED])
+    kept = tokenized.filter(
+        _keep_flags, batched=True, input_columns=[_KEEP], desc=f"Dropping {split_name} examples without loss"
+    )
+    kept = kept.remove_columns([_TRUNCATED, _KEEP])
+    stats = TokenizeStats(
+        num_examples=num_examples,
+        num_kept=len(kept),
+        num_truncated=num_truncated,
+        num_dropped=num_examples - len(kept),
+        max_length=cfg.max_length,
+    )
+
+    if stats.num_truncated:
+        logger.warning(
+            "%s: %d of %d examples are longer than data.max_length=%d tokens and were truncated on the right; "
+            "raise data.max_length to keep them whole",
+            split_name,
+            stats.num_truncated,
+            stats.num_examples,
+            stats.max_length,
+        )
+    if stats.num_dropped:
+        logger.warning(
+            "%s: dropped %d of %d examples that carry no loss (completion truncated away at data.max_length=%d, "
+            "or empty)",
+            split_name,
+            stats.num_dropped,
+            stats.num_examples,
+            stats.max_length,
+        )
+    if stats.num_kept == 0:
+        raise DataError(
+            f"no {split_name} example is left after tokenisation ({stats.num_dropped} dropped as empty or "
+            f"truncated away); raise data.max_length={cfg.max_length} or check the data fields"
+        )
+    return kept, stats
+
+
+def _keep_flags(flags: list[bool]) -> list[bool]:
+    return flags
+
+
+def _texts(batch: dict[str, list], field: str, indices: Sequence[int]) -> list[str]:
+    values = batch[field]
+    for value, index in zip(values, indices):
+        if not isinstance(value, str):
+            what = "missing (null)" if value is None else f"a {type(value).__name__}, not text"
+            raise DataError(f"row {index}: field {field!r} is {what}; fix or remove that row")
+    return values
+
+
+def _tokenize_batch(
+    batch: dict[str, list],
+    indices: list[int],
+    *,
+    tokenizer: Any,
+    fields: list[str],
+    text_format: bool,
+    bos: int | None,
+    eos: int | None,
+    max_length: int,
+) -> dict[str, list]:
+    def encode(field: str) -> list[list[int]]:
+        texts = _texts(batch, field, indices)
+        return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+    if text_format:
+        bodies = encode(fields[0])
+        prompts: list[list[int]] = [[] for _ in bodies]
+    else:
+        prompts, bodies = encode(fields[0]), encode(fields[1])
+
+    head = [bos] if bos is not None else []
+    tail = [eos] if eos is not None else []
+    out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_mask": [], _TRUNCATED: [], _KEEP: []}
+    for prompt, body in zip(prompts, bodies):
+        prefix = head + list(prompt)
+        target = list(body) + tail
+        input_ids = prefix + target
+        if text_format:
+            labels = list(input_ids)
+            prompt_mask = [1] * len(input_ids)
+        else:
+            labels = [IGNORE_INDEX] * len(prefix) + target
+            prompt_mask = [1] * len(prefix) + [0] * len(target)
+        truncated = len(input_ids) > max_length
+        input_ids, labels, prompt_mask = input_ids[:max_length], labels[:max_length], prompt_mask[:max_length]
+        # Position 0 is never predicted (the loss shifts labels), so it cannot carry loss.
+        has_loss = any(label != IGNORE_INDEX for label in labels[1:])
+        empty = text_format and len(body) == 0
+        out["input_ids"].append(input_ids)
+        out["labels"].append(labels)
+        out["prompt_mask"].append(prompt_mask)
+        out[_TRUNCATED].append(truncated)
+        out[_KEEP].append(has_loss and not empty)
+    return out

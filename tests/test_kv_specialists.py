@@ -1,0 +1,210 @@
+"""Building the key-value specialists: determinism, the saved layout, caching, and partial builds.
+
+Every build here is the tiny one (``SpecialistSettings.tiny``): seconds, not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comm_cli.data import kv_arithmetic as kv
+from comm_cli.data import kv_specialists as ks
+from comm_cli.data.char_tokenizer import build_char_tokenizer
+from comm_cli.errors import OutputDirError
+
+
+def tiny(seed: int = 0) -> ks.SpecialistSettings:
+    return ks.SpecialistSettings.tiny(seed)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """One complete tiny build (seed 0), shared read-only by the tests; copy it to change it."""
+    root = tmp_path_factory.mktemp("specialists") / "seed0"
+    paths = ks.ensure_specialists(root, tiny(0))
+    assert paths.built
+    return root
+
+
+@pytest.fixture
+def copy_of(built, tmp_path):
+    def copy(name: str = "copy") -> Path:
+        return Path(shutil.copytree(built, tmp_path / name))
+
+    return copy
+
+
+def _weights(root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: load_file(root / name / "model.safetensors") for name in ("augment", "anchor")}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_gives_bit_identical_weights_and_world(built, tmp_path):
+    again = ks.build_specialists(tmp_path / "again", tiny(0))
+    first, second = _weights(built), _weights(again.root)
+    assert _same(first["augment"], second["augment"])
+    assert _same(first["anchor"], second["anchor"])
+    assert (built / "world.json").read_text() == (again.root / "world.json").read_text()
+
+    other = _weights(ks.build_specialists(tmp_path / "other", tiny(1)).root)
+    assert not _same(first["augment"], other["augment"])
+    assert not _same(first["anchor"], other["anchor"])
+
+
+def test_the_anchor_never_sees_a_value():
+    """The anchor's weights do not depend on the world: it is trained on digits alone."""
+    settings, tokenizer = tiny(0), build_char_tokenizer()
+    world = kv.KVWorld.create(seed=0, num_keys=settings.num_keys)
+    shifted = kv.KVWorld(
+        seed=0,
+        values={k: (v + 1) % 10 for k, v in world.values.items()},
+        composition_keys=world.composition_keys,
+        heldout_keys=world.heldout_keys,
+    )
+    a, _ = ks._train_anchor(world, tokenizer, settings)
+    b, _ = ks._train_anchor(shifted, tokenizer, settings)
+    assert _same(a.state_dict(), b.state_dict())
+
+
+def test_saved_layout_loads_with_auto_classes(built):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    augment = AutoModelForCausalLM.from_pretrained(built / "augment")
+    anchor = AutoModelForCausalLM.from_pretrained(built / "anchor")
+    assert (augment.config.model_type, anchor.config.model_type) == ("qwen2", "llama")
+    assert augment.config.hidden_size != anchor.config.hidden_size
+    tokenizers = [AutoTokenizer.from_pretrained(built / name) for name in ("augment", "anchor")]
+    assert tokenizers[0].get_vocab() == tokenizers[1].get_vocab() == build_char_tokenizer().get_vocab()
+    assert augment.config.vocab_size == anchor.config.vocab_size == len(tokenizers[0])
+
+    world = kv.KVWorld.load(built / "world.json")
+    assert world == kv.KVWorld.create(seed=0, num_keys=tiny().num_keys)
+
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["settings_hash"] == tiny(0).hash()
+    for name in ("augment", "anchor"):
+        model_manifest = json.loads((built / name / "manifest.json").read_text())
+        assert model_manifest["steps"] == getattr(tiny(), name).steps
+        assert model_manifest["train_seconds"] > 0
+        assert set(model_manifest["accuracy"]) == set(manifest[name]["accuracy"])
+    assert set(manifest["anchor"]["accuracy"]) == {
+        "arithmetic",
+        "arithmetic_after_kv_prefix",
+        "kv_arithmetic_heldout_alone",
+    }
+
+
+def test_a_second_call_reuses_the_build(copy_of):
+    root = copy_of()
+    weights = root / "anchor" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    paths = ks.ensure_specialists(root, tiny(0))
+    assert not paths.built and paths.anchor == root / "anchor"
+    assert weights.stat().st_mtime_ns == before
+
+    # The thread count is not part of what is built.
+    settings = tiny(0)
+    settings.num_threads = 1
+    assert not ks.ensure_specialists(root, settings).built
+
+
+def test_changed_settings_rebuild(copy_of):
+    root = copy_of()
+    settings = tiny(0)
+    settings.anchor.steps += 1
+    paths = ks.ensure_specialists(root, settings)
+    assert paths.built
+    assert ks.read_complete_manifest(root, settings) is not None
+    assert ks.read_complete_manifest(root, tiny(0)) is None
+    assert json.loads((root / "anchor" / "manifest.json").read_text())["steps"] == settings.anchor.steps
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["manifest.json", "anchor/model.safetensors", "augment/tokenizer.json", "world.json", "incomplete-flag"],
+)
+def test_a_partial_build_is_never_taken_as_complete(copy_of, damage):
+    root = copy_of()
+    if damage == "incomplete-flag":
+        manifest = json.loads((root / "manifest.json").read_text())
+        manifest["complete"] = False
+        (root / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        (root / damage).unlink()
+    assert ks.read_complete_manifest(root, tiny(0)) is None
+    paths = ks.ensure_specialists(root, tiny(0))
+    assert paths.built
+    assert ks.read_complete_manifest(root, tiny(0)) is not None
+
+
+def test_a_build_killed_midway_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    root = tmp_path / "specialists"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands in for a kill while the anchor trains
+
+    monkeypatch.setattr(ks, "_train_anchor", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ks.ensure_specialists(root, tiny(0))
+    assert not root.exists()
+    assert list(tmp_path.iterdir()) == []
+
+    # What a SIGKILL leaves behind (no cleanup ran): a partial sibling of a dead process.
+    leftover = tmp_path / ".specialists.partial-999999999-1"
+    (leftover / "augment").mkdir(parents=True)
+    (leftover / "world.json").write_text("{}")
+    monkeypatch.undo()
+    assert ks.read_complete_manifest(root, tiny(0)) is None
+    assert ks.ensure_specialists(root, tiny(0)).built
+    assert not leftover.exists()
+
+
+def test_a_directory_with_other_files_is_not_replaced(tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputDirError, match="other files"):
+        ks.ensure_specialists(root, tiny(0))
+    assert (root / "notes.txt").read_text() == "keep me"
+
+
+def test_greedy_generate_matches_transformers_generate(built):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_char_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(built / "anchor").eval()
+    prompts = ["4+7-3=", "qz+a;=1+2=", "abc+xyz="]
+    ours = ks.greedy_generate(model, tokenizer, prompts, max_new_tokens=5)
+    for prompt, text in zip(prompts, ours):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+        assert text == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_script_prints_the_table_and_reuses(built, copy_of, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "build_specialists", Path(__file__).resolve().parents[1] / "scripts" / "build_specialists.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    root = copy_of()
+    assert script.main(["--out-dir", str(root), "--fast", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "lookup_all_keys" in out and "arithmetic_after_kv_prefix" in out
+    assert "reused" in out
+
+    (root / "notes.txt").write_text("x")
+    (root / "manifest.json").unlink()
+    assert script.main(["--out-dir", str(root), "--fast", "--quiet"]) == 1
+    assert "other files" in capsys.readouterr().err
