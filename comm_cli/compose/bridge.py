@@ -24,6 +24,11 @@ from comm_cli.compose.specs import BridgeConfig
 from comm_cli.errors import ConfigError
 
 
+def bridge_parameter_count(augment_dim: int, anchor_dim: int, config: BridgeConfig) -> int:
+    """Parameters of one bridge, computable from the model configs alone (for budget matching)."""
+    return augment_dim * anchor_dim + anchor_dim + 4 * anchor_dim * anchor_dim + (1 if config.gate else 0)
+
+
 class Bridge(nn.Module):
     def __init__(self, augment_dim: int, anchor_dim: int, config: BridgeConfig):
         super().__init__()

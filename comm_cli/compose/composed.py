@@ -383,7 +383,8 @@ class ComposedModel(nn.Module):
             per_augment = []
             for index in range(len(self.augments)):
                 if augment_states is not None:
-                    per_augment.append(augment_states[index])
+                    # precomputed states may be padded past the key columns (prompt mode)
+                    per_augment.append({k: v[:, : ids.shape[1]] for k, v in augment_states[index].items()})
                 else:
                     per_augment.append(
                         self.augment_states(index, ids, mask, positions, caches[index] if caches else None)

@@ -55,7 +55,8 @@ class MappingSpec:
         if len(given) != 1:
             raise ConfigError(
                 f"a layer mapping needs exactly one of pairs / every / count, got {given or 'none'}: "
-                "set one, e.g. mapping.every=4"
+                "keep one and set the others to null (e.g. mapping.every=null), or pick a preset "
+                "with mapping=every4|all|count|pairs"
             )
         if self.pairs is not None:
             self.pairs = [list(p) for p in self.pairs]

@@ -1,0 +1,80 @@
+"""`comm-train`: the Hydra entry point. Everything else lives in ``comm_cli.training``.
+
+comm-train                                   the key-value arithmetic experiment
+comm-train experiment=code_qwen data.data_files=train.jsonl
+comm-train --cfg job                         print the composed config
+comm-train -m optimizer.lr=1e-3,3e-3         a sweep
+accelerate launch --config_file conf/accelerate/ddp.yaml -m comm_cli.train ...
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from comm_cli.cli import check_override_keys, config_dir, resolve_output_dir, run_reporting_errors
+from comm_cli.schema import TrainConfig, register_schemas
+
+PROGRAM = "comm-train"
+GROUPS = {
+    "anchor",
+    "augment",
+    "mapping",
+    "data",
+    "method",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "logger",
+    "experiment",
+}
+
+register_schemas()
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train from a composed config (also what tests call)."""
+    from comm_cli.training.kv_setup import prepare_kv_specialists
+    from comm_cli.training.recipe import TrainRecipe
+
+    typed = to_typed(cfg)
+    prepare_kv_specialists(typed)
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    recipe = TrainRecipe(typed, raw)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        if hasattr(recipe, "accelerator"):
+            recipe.cleanup()
+            _reset_accelerate()
+
+
+def to_typed(cfg: DictConfig) -> TrainConfig:
+    """The typed config; dataclass checks (e.g. a mapping with two forms) raise ConfigErrors."""
+    return OmegaConf.to_object(cfg)
+
+
+def _reset_accelerate() -> None:
+    """Let a sweep (-m) build a fresh Accelerator for its next job in this process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    resolve_output_dir(cfg)
+    run_reporting_errors(PROGRAM, lambda: run(cfg))
+
+
+def main() -> None:
+    check_override_keys(PROGRAM, sys.argv[1:], TrainConfig, GROUPS)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

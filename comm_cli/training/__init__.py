@@ -1,0 +1,1 @@
+"""The training side of comm: Accelerate loop, optimizers, checkpoints, trackers."""

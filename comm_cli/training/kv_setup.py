@@ -1,0 +1,58 @@
+"""Building the key-value experiment's specialists on first use.
+
+The kv presets (``anchor=kv_anchor``, ``augment=kv_augment``, ``data=kv_arithmetic``) point into
+``kv.dir``; when any of them is in use and the specialists are missing there, they are built
+(once; later runs reuse them). Only the main process builds; the others wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from comm_cli.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+
+def uses_kv_specialists(cfg) -> bool:
+    """Whether a train or eval config reads anything from ``kv.dir``."""
+    kv_dir = str(Path(cfg.kv.dir).expanduser())
+    names = [cfg.anchor.name_or_path, cfg.augment.name_or_path]
+    datas = [getattr(cfg, "data", None)] + [task.data for task in getattr(cfg, "tasks", {}).values()]
+    uses_data = any(getattr(data, "synthetic", None) == "kv_arithmetic" for data in datas)
+    return uses_data or any(str(name).startswith(kv_dir) for name in names)
+
+
+def prepare_kv_specialists(cfg) -> None:
+    if not uses_kv_specialists(cfg):
+        return
+    from comm_cli.data.kv_specialists import ensure_specialists, read_complete_manifest
+
+    kv_dir = Path(cfg.kv.dir).expanduser()
+    settings = cfg.kv.specialists
+    if read_complete_manifest(kv_dir, settings) is not None:
+        return
+    if not cfg.kv.build:
+        raise ModelLoadError(
+            f"the key-value specialists are missing in {kv_dir}: build them with "
+            f"`python scripts/build_specialists.py --out-dir {kv_dir}` or set kv.build=true"
+        )
+    if os.environ.get("RANK", "0") != "0":
+        _wait_for(kv_dir, settings)
+        return
+    logger.info("building the key-value specialists in %s (first use; later runs reuse them)", kv_dir)
+    ensure_specialists(kv_dir, settings)
+
+
+def _wait_for(kv_dir: Path, settings, timeout_s: float = 3600.0) -> None:
+    import time
+
+    from comm_cli.data.kv_specialists import read_complete_manifest
+
+    start = time.time()
+    while read_complete_manifest(kv_dir, settings) is None:
+        if time.time() - start > timeout_s:
+            raise ModelLoadError(f"timed out waiting for rank 0 to build the specialists in {kv_dir}")
+        time.sleep(2.0)

@@ -1,0 +1,581 @@
+"""The training recipe: one class, one method per phase (torchtune-style).
+
+    recipe = TrainRecipe(cfg, raw_config)
+    recipe.setup()       # accelerator, run dir, tokenizer, model, data, optimizer, tracker, resume
+    recipe.train()       # the Accelerate loop
+    recipe.cleanup()
+
+The loss of an optimizer step is the sum of token losses over all micro-batches and all
+processes divided by the number of loss-carrying tokens in that global batch, so k processes
+with batch b give the same update as one process with batch k*b (and gradient accumulation is
+exact too).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from comm_cli.compose import ComposedModel
+from comm_cli.compose.masks import positions_from_mask
+from comm_cli.data.build import raw_splits, tokenized_splits
+from comm_cli.data.collate import CompletionCollator
+from comm_cli.errors import ConfigError, NonFiniteLossError
+from comm_cli.training import checkpoint as ckpt
+from comm_cli.training.models import build_model, check_tokenizers, load_tokenizer, parameter_counts
+from comm_cli.training.optim import build_optimizer, build_scheduler
+from comm_cli.training.trackers import log_with, start_trackers
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+# Fault injection for the crash tests: SIGKILL this process right after step N's optimizer step
+# (COMM_FAULT_KILL_AT_STEP=N) or half-way through writing step N's checkpoint
+# (COMM_FAULT_KILL_IN_SAVE=N).
+_KILL_AT_STEP = "COMM_FAULT_KILL_AT_STEP"
+_KILL_IN_SAVE = "COMM_FAULT_KILL_IN_SAVE"
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded shuffle that differs per epoch and is reproducible after a resume."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _maybe_kill(variable: str, step: int) -> None:
+    if os.environ.get(variable) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TrainRecipe:
+    def __init__(self, cfg, raw_config):
+        """``cfg``: the typed TrainConfig object; ``raw_config``: the resolved config as a dict."""
+        self.cfg = cfg
+        self.raw_config = raw_config
+        self.run_dir = Path(cfg.output_dir).resolve()
+        self.state = ckpt.TrainerState()
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        self._setup_accelerator()
+        self._setup_run_dir()
+        self._setup_tokenizer_and_data()
+        self._setup_model()
+        self._setup_loaders()
+        self._setup_optimizer()
+        self._setup_tracker()
+        if self.resume_from is not None:
+            self._load_checkpoint(self.resume_from)
+
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        tcfg = self.cfg.trainer
+        if tcfg.num_threads:
+            torch.set_num_threads(tcfg.num_threads)
+        precision = tcfg.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        if precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"trainer.mixed_precision '{precision}' is not one of auto, no, bf16, fp16")
+        self.accelerator = Accelerator(
+            # Without a GPU, cpu=True is what makes several launched processes one gloo job.
+            cpu=not torch.cuda.is_available(),
+            gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+            mixed_precision=precision,
+            log_with=log_with(self.cfg.logger),
+            project_dir=str(self.run_dir),
+            # We step the schedule once per optimizer step ourselves (Accelerate would otherwise
+            # step it num_processes times).
+            step_scheduler_with_optimizer=False,
+        )
+        set_seed(self.cfg.seed)
+
+    def _setup_run_dir(self) -> None:
+        """Check the run directory before anything is written: every rank reads, then the main
+        process writes."""
+        acc = self.accelerator
+        self.resume_from = ckpt.resolve_resume(self.run_dir, self.cfg.resume, self.cfg.overwrite)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.resume_from is None and self.cfg.overwrite and ckpt.run_contents(self.run_dir):
+                logger.warning("overwrite=true: clearing the earlier run in %s", self.run_dir)
+                ckpt.clear_run_dir(self.run_dir)
+            ckpt.remove_partial_checkpoints(self.run_dir)
+            config_path = self.run_dir / ckpt.RUN_CONFIG
+            if self.resume_from is not None and config_path.is_file():
+                self._warn_config_changes(config_path)
+            tmp = config_path.with_name(f".{ckpt.RUN_CONFIG}.tmp")
+            tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(self.raw_config)))
+            os.replace(tmp, config_path)
+        acc.wait_for_everyone()
+        from comm_cli.cli import setup_logging
+
+        setup_logging(self.run_dir / "train.log", acc.is_main_process)
+        logger.info("run directory: %s", self.run_dir)
+        if self.resume_from is not None:
+            logger.info("resuming from %s", self.resume_from)
+
+    def _warn_config_changes(self, config_path: Path) -> None:
+        old = OmegaConf.to_container(OmegaConf.load(config_path))
+        new = self.raw_config
+        changed = sorted(
+            key
+            for key in set(_flatten(old)) | set(_flatten(new))
+            if _flatten(old).get(key) != _flatten(new).get(key)
+            and not key.startswith(("resume", "overwrite"))
+        )
+        if changed:
+            logger.warning("resuming with a changed config: %s", ", ".join(changed[:12]))
+
+    def _validate_models(self) -> None:
+        """Model ids/paths, layer mapping and head count, from the model configs alone."""
+        from comm_cli.compose import check_config
+        from comm_cli.compose.loading import load_model_config
+        from comm_cli.training.models import composition_config
+
+        if self.cfg.method.name == "calm":
+            check_config(composition_config(self.cfg))
+        else:
+            load_model_config(self.cfg.anchor, "anchor model")
+
+    def _setup_tokenizer_and_data(self) -> None:
+        cfg = self.cfg
+        self._validate_models()
+        tokenizer_source = cfg.tokenizer or cfg.anchor.name_or_path
+        self.tokenizer = load_tokenizer(tokenizer_source, cfg.anchor if cfg.tokenizer is None else None)
+        with self.accelerator.main_process_first():
+            raw = raw_splits(cfg.data, cfg.kv.dir, seed=cfg.seed)
+            if cfg.method.name == "calm":
+                sample_texts = [
+                    raw["train"][i][f]
+                    for i in range(min(8, len(raw["train"])))
+                    for f in raw["train"].column_names
+                ]
+                check_tokenizers(cfg, self.tokenizer, [t for t in sample_texts if isinstance(t, str)])
+            self.splits = tokenized_splits(raw, self.tokenizer, cfg.data)
+
+    def _setup_loaders(self) -> None:
+        cfg, tcfg = self.cfg, self.cfg.trainer
+        collator = CompletionCollator(self.tokenizer.pad_token_id, padding_side="right")
+        train_collator = collator
+        if tcfg.cache_augment_states:
+            train_collator = self._augment_cache_collator(collator)
+        self.sampler = EpochSampler(len(self.splits["train"]), cfg.seed)
+        self.train_loader = torch.utils.data.DataLoader(
+            self.splits["train"],
+            batch_size=tcfg.batch_size,
+            sampler=self.sampler,
+            collate_fn=train_collator,
+            num_workers=tcfg.num_workers,
+            drop_last=True,
+        )
+        self.val_loader = None
+        if "validation" in self.splits:
+            self.val_loader = torch.utils.data.DataLoader(
+                self.splits["validation"],
+                batch_size=tcfg.eval_batch_size or tcfg.batch_size,
+                shuffle=False,
+                collate_fn=collator,
+                num_workers=tcfg.num_workers,
+            )
+
+    def _augment_cache_collator(self, collator):
+        """Precompute (or reuse) the augmenting models' states over the training split."""
+        from comm_cli.compose.loading import torch_dtype
+        from comm_cli.training.augment_cache import (
+            AugmentStateCache,
+            CachedStatesCollator,
+            build_cache,
+            data_fingerprint,
+        )
+
+        if not isinstance(self.model, ComposedModel):
+            raise ConfigError(
+                "trainer.cache_augment_states=true needs method=calm (only CALM has augmenting models)"
+            )
+        train = self.splits["train"]
+        if "example_id" not in train.column_names:
+            train = train.add_column("example_id", list(range(len(train))))
+            self.splits["train"] = train
+        dtype = torch_dtype(self.cfg.bridge.dtype)
+        directory = Path(self.cfg.trainer.cache_dir or self.run_dir / "augment_cache").expanduser()
+        fingerprint = data_fingerprint(train, self.model, self.model.mask_mode, dtype)
+        with self.accelerator.main_process_first():
+            cache = AugmentStateCache.open(directory, fingerprint)
+            if cache is None:
+                if not self.accelerator.is_main_process:
+                    raise ConfigError(
+                        f"the augment-state cache in {directory} is missing on this node: use a shared cache_dir"
+                    )
+                self.model.to(self.accelerator.device)
+                cache = build_cache(
+                    self.model,
+                    train,
+                    directory,
+                    fingerprint,
+                    dtype,
+                    batch_size=4 * self.cfg.trainer.batch_size,
+                )
+            else:
+                logger.info("reusing cached augment states in %s", directory)
+        return CachedStatesCollator(collator, cache)
+
+    def _setup_model(self) -> None:
+        self.model = build_model(self.cfg)
+        counts = parameter_counts(self.model)
+        self.parameter_counts = counts
+        logger.info(
+            "parameters: %s trainable, %s frozen", f"{counts['trainable']:,}", f"{counts['frozen']:,}"
+        )
+        if self.cfg.trainer.compile_bridges and isinstance(self.model, ComposedModel):
+            for bridge in self.model.bridges:
+                bridge.compile()
+
+    def _setup_optimizer(self) -> None:
+        acc, tcfg = self.accelerator, self.cfg.trainer
+        self.optimizer = build_optimizer(self.model, self.cfg.optimizer)
+        if len(self.train_loader) == 0:
+            raise ConfigError(
+                f"the training split ({len(self.splits['train'])} examples) is smaller than one batch "
+                f"(trainer.batch_size={tcfg.batch_size}): lower the batch size or add data"
+            )
+        self.model, self.optimizer, self.train_loader = acc.prepare(
+            self.model, self.optimizer, self.train_loader
+        )
+        if self.val_loader is not None:
+            self.val_loader = acc.prepare(self.val_loader)
+        steps_per_epoch = max(1, len(self.train_loader) // tcfg.gradient_accumulation_steps)
+        if tcfg.max_steps:
+            self.total_steps = int(tcfg.max_steps)
+        elif tcfg.epochs:
+            self.total_steps = int(math.ceil(tcfg.epochs * steps_per_epoch))
+        else:
+            raise ConfigError("set a training budget: trainer.max_steps=N or trainer.epochs=E")
+        self.steps_per_epoch = steps_per_epoch
+        # Prepared after the step count is known; stepped once per optimizer step.
+        self.scheduler = acc.prepare(build_scheduler(self.optimizer, self.cfg.scheduler, self.total_steps))
+        acc.register_save_state_pre_hook(self._save_trainable_hook)
+        acc.register_load_state_pre_hook(self._load_trainable_hook)
+
+    def _setup_tracker(self) -> None:
+        run_id = None
+        if self.resume_from is not None:
+            run_id = ckpt.TrainerState.load(self.resume_from / ckpt.TRAINER_STATE).wandb_run_id
+        config = dict(self.raw_config)
+        config["parameters"] = dict(self.parameter_counts)
+        self.state.wandb_run_id = start_trackers(
+            self.accelerator, self.cfg.logger, self.run_dir, config, run_id, self.cfg.name
+        )
+        self.accelerator.log(
+            {
+                "params/trainable": self.parameter_counts["trainable"],
+                "params/frozen": self.parameter_counts["frozen"],
+            },
+            step=0,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _save_trainable_hook(self, models, weights, output_dir) -> None:
+        """Accelerate's save_state writes the optimizer, scheduler and RNG; the model part is
+        ours: only the trained parameters, in safetensors."""
+        from safetensors.torch import save_file
+
+        from comm_cli.training.models import trainable_state_dict
+
+        if self.accelerator.is_main_process:
+            save_file(trainable_state_dict(self._unwrapped()), str(Path(output_dir) / ckpt.TRAINABLE_WEIGHTS))
+        weights.clear()
+
+    def _load_trainable_hook(self, models, input_dir) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(input_dir) / ckpt.TRAINABLE_WEIGHTS))
+        model = self._unwrapped()
+        params = dict(model.named_parameters())
+        expected = {name for name, p in params.items() if p.requires_grad}
+        if set(state) != expected:
+            raise ConfigError(
+                f"checkpoint {input_dir} holds other trainable parameters than this model "
+                f"({len(set(state) ^ expected)} differ): resume with the config it was trained with"
+            )
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        models.clear()
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step_N atomically (temporary name, then rename)."""
+        acc = self.accelerator
+        final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
+        tmp = final.with_name(f".tmp-{final.name}")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        _maybe_kill(_KILL_IN_SAVE, self.state.step)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.state.save(tmp / ckpt.TRAINER_STATE)  # last: marks the checkpoint complete
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
+            logger.info("checkpoint %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, path: Path) -> None:
+        self.accelerator.load_state(str(path))
+        saved = ckpt.TrainerState.load(path / ckpt.TRAINER_STATE)
+        saved.wandb_run_id = self.state.wandb_run_id or saved.wandb_run_id
+        self.state = saved
+        logger.info(
+            "resumed at step %d (epoch %d, batch %d)", saved.step, saved.epoch, saved.batches_in_epoch
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def _forward_logits(self, batch) -> torch.Tensor:
+        if self.cfg.method.name == "calm":
+            return self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                augment_attention_mask=batch["augment_attention_mask"],
+                augment_states=batch.get("augment_states"),
+            ).logits
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=positions_from_mask(batch["attention_mask"]),
+        ).logits
+
+    @staticmethod
+    def _token_count(batch) -> torch.Tensor:
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+    def _summed_loss(self, batch) -> torch.Tensor:
+        logits = self._forward_logits(batch)
+        shift_logits = logits[:, :-1, :].float()
+        shift_labels = batch["labels"][:, 1:]
+        return F.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+
+    def _micro_batches(self):
+        """Yield (epoch, index in epoch, batch) forever, from the saved data position on."""
+        acc = self.accelerator
+        epoch, skip = self.state.epoch, self.state.batches_in_epoch
+        while True:
+            # The prepared loader re-seeds the sampler with its own epoch counter on every pass.
+            self.train_loader.set_epoch(epoch)
+            loader = self.train_loader
+            if skip:
+                loader = acc.skip_first_batches(self.train_loader, skip)
+                loader.set_epoch(epoch)
+            for index, batch in enumerate(loader, start=skip):
+                yield epoch, index, batch
+            epoch, skip = epoch + 1, 0
+
+    def train(self) -> dict:
+        acc, tcfg = self.accelerator, self.cfg.trainer
+        accumulation = tcfg.gradient_accumulation_steps
+        world = acc.num_processes
+        self.model.train()
+        batches = self._micro_batches()
+        progress = None
+        if tcfg.progress_bar and acc.is_local_main_process and self.state.step < self.total_steps:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.state.step, desc="train", dynamic_ncols=True)
+        window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+        metrics: dict = {}
+        while self.state.step < self.total_steps:
+            micro = [next(batches) for _ in range(accumulation)]
+            local_tokens = sum(self._token_count(b) for _, _, b in micro)
+            global_tokens = acc.reduce(local_tokens.detach().clone().to(acc.device), reduction="sum").item()
+            if global_tokens == 0:
+                raise ConfigError(
+                    "a training batch has no loss-carrying token: check data.format and the fields"
+                )
+            step_loss = torch.zeros((), device=acc.device)
+            for _, _, batch in micro:
+                with acc.accumulate(self.model):
+                    loss = self._summed_loss(batch) * (world / global_tokens)
+                    # Accelerate (and DeepSpeed) divide by the accumulation steps; our loss is
+                    # already normalised by the tokens of the whole accumulated batch.
+                    acc.backward(loss * accumulation)
+                    step_loss += loss.detach() / world
+                    grad_norm = None
+                    if acc.sync_gradients and tcfg.max_grad_norm:
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), tcfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            step_loss = acc.reduce(step_loss, reduction="sum").item()
+            if not math.isfinite(step_loss):
+                self._stop_on_non_finite(step_loss)
+            self.scheduler.step()
+            last_epoch, last_index, _ = micro[-1]
+            self.state.step += 1
+            self.state.epoch, self.state.batches_in_epoch = last_epoch, last_index + 1
+            if self.state.batches_in_epoch >= len(self.train_loader):
+                self.state.epoch, self.state.batches_in_epoch = last_epoch + 1, 0
+            self.state.tokens += int(global_tokens)
+            self.state.last_loss = step_loss
+            window_loss += step_loss * global_tokens
+            window_tokens += global_tokens
+            _maybe_kill(_KILL_AT_STEP, self.state.step)
+            step = self.state.step
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}")
+            if step % tcfg.log_every == 0 or step == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "train/loss": window_loss / max(window_tokens, 1),
+                    "train/lr": self.scheduler.get_last_lr()[0],
+                    "train/tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    "train/epoch": self.state.epoch
+                    + self.state.batches_in_epoch / max(len(self.train_loader), 1),
+                }
+                if grad_norm is not None:
+                    metrics["train/grad_norm"] = float(grad_norm)
+                acc.log(metrics, step=step)
+                if progress is None:
+                    logger.info("step %d/%d loss %.4f", step, self.total_steps, metrics["train/loss"])
+                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            if (
+                self.val_loader is not None
+                and tcfg.eval_every
+                and step % tcfg.eval_every == 0
+                and step < self.total_steps
+            ):
+                self._log_validation()
+            if tcfg.save_every and step % tcfg.save_every == 0 and step < self.total_steps:
+                self.save_checkpoint()
+        if progress is not None:
+            progress.close()
+        final_metrics = dict(metrics)
+        if self.val_loader is not None:
+            final_metrics.update(self._log_validation())
+        self.save_checkpoint()
+        self.save_final()
+        self._write_summary(final_metrics)
+        return final_metrics
+
+    def _stop_on_non_finite(self, value: float) -> None:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        where = (
+            f"the last good checkpoint is {latest} (resume=auto continues from it)"
+            if latest
+            else "no checkpoint was written"
+        )
+        raise NonFiniteLossError(
+            f"the loss became {value} at step {self.state.step + 1}: lower optimizer.lr, set trainer.max_grad_norm, or "
+            f"use trainer.mixed_precision=no; {where}"
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean token loss (and perplexity) over the validation split, all processes."""
+        acc, tcfg = self.accelerator, self.cfg.trainer
+        self.model.eval()
+        total, tokens = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
+        for index, batch in enumerate(self.val_loader):
+            if tcfg.eval_batches and index >= tcfg.eval_batches:
+                break
+            total += self._summed_loss(batch)
+            tokens += self._token_count(batch)
+        total = acc.reduce(total, reduction="sum").item()
+        tokens = acc.reduce(tokens, reduction="sum").item()
+        self.model.train()
+        loss = total / max(tokens, 1)
+        return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+
+    def _log_validation(self) -> dict:
+        metrics = self.evaluate()
+        self.accelerator.log(metrics, step=self.state.step)
+        logger.info("step %d validation loss %.4f", self.state.step, metrics["val/loss"])
+        return metrics
+
+    def save_final(self) -> Path:
+        """The trained result in its method's format, written under a temporary name and renamed."""
+        acc = self.accelerator
+        final = self.run_dir / ckpt.FINAL_DIRS[self.cfg.method.name]
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            tmp = final.with_name(f".{final.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._unwrapped().save_pretrained(tmp)
+            if self.cfg.method.name != "calm":
+                self.tokenizer.save_pretrained(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            logger.info("saved %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def _write_summary(self, metrics: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        import json
+
+        summary = {
+            "name": self.cfg.name,
+            "method": self.cfg.method.name,
+            "steps": self.state.step,
+            "tokens": self.state.tokens,
+            "final": str(self.run_dir / ckpt.FINAL_DIRS[self.cfg.method.name]),
+            "parameters": self.parameter_counts,
+            "metrics": metrics,
+            "wandb_run_id": self.state.wandb_run_id,
+        }
+        path = self.run_dir / ckpt.SUMMARY
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+    def cleanup(self) -> None:
+        self.accelerator.end_training()
+
+
+def _flatten(data, prefix: str = "") -> dict:
+    out = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+        out[prefix.rstrip(".")] = data
+    return out
