@@ -1,0 +1,46 @@
+"""`comm-eval`: the Hydra entry point for evaluation. The work lives in ``comm_cli.evaluation``.
+
+comm-eval                                         the key-value experiment's composition
+comm-eval checkpoint=outputs/my_run/composition
+comm-eval model=anchor                            a baseline: anchor | augment | lora | full
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from comm_cli.cli import check_override_keys, config_dir, resolve_output_dir, run_reporting_errors
+from comm_cli.schema import EvalConfig, register_schemas
+
+PROGRAM = "comm-eval"
+GROUPS = {"anchor", "augment", "logger", "task"}
+
+register_schemas()
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    """Evaluate from a composed config (also what tests and the demo call)."""
+    from comm_cli.evaluation.recipe import evaluate
+    from comm_cli.training.kv_setup import prepare_kv_specialists
+
+    typed = OmegaConf.to_object(cfg)
+    prepare_kv_specialists(typed)
+    return evaluate(typed, OmegaConf.to_container(cfg, resolve=True))
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+def _hydra_main(cfg: DictConfig) -> None:
+    resolve_output_dir(cfg)
+    run_reporting_errors(PROGRAM, lambda: run(cfg))
+
+
+def main() -> None:
+    check_override_keys(PROGRAM, sys.argv[1:], EvalConfig, GROUPS)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Metrics: answer extraction, exact match, chrF++/BLEU (sacrebleu), loss and perplexity.
+
+Extraction is applied to both the generation and the reference, so "first_number" compares the
+numbers and "full" compares whitespace-stripped strings.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+
+from comm_cli.data import kv_arithmetic as kv
+from comm_cli.errors import ConfigError
+
+METRICS = ("loss", "exact_match", "chrf", "bleu")
+EXTRACTORS = ("full", "first_number", "last_number", "regex", "kv_answer", "kv_substitution")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def extractor(kind: str, pattern: str | None = None) -> Callable[[str], str | None]:
+    """A function text -> answer (None when no answer can be read)."""
+    if kind == "full":
+        return lambda text: text.strip()
+    if kind == "first_number":
+        return lambda text: m.group(0) if (m := _NUMBER.search(text)) else None
+    if kind == "last_number":
+        return lambda text: found[-1] if (found := _NUMBER.findall(text)) else None
+    if kind == "kv_answer":
+        return kv.answer
+    if kind == "kv_substitution":
+        return kv.substitution
+    if kind == "regex":
+        if not pattern:
+            raise ConfigError("extract=regex needs a pattern: set tasks.<name>.regex='...'")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"tasks regex {pattern!r} does not compile ({err}): fix the pattern") from err
+
+        def read(text: str) -> str | None:
+            match = compiled.search(text)
+            if match is None:
+                return None
+            return match.group(1) if match.groups() else match.group(0)
+
+        return read
+    raise ConfigError(f"extract '{kind}' is not one of {list(EXTRACTORS)}")
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str], extract: Callable) -> list[bool]:
+    out = []
+    for prediction, reference in zip(predictions, references):
+        expected = extract(reference)
+        out.append(expected is not None and extract(prediction) == expected)
+    return out
+
+
+def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF++ (character n-grams plus word bigrams), as sacrebleu computes it."""
+    import sacrebleu
+
+    return sacrebleu.corpus_chrf(list(predictions), [list(references)], word_order=2).score
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
+
+
+def perplexity(mean_loss: float) -> float:
+    return math.exp(min(mean_loss, 50.0))

@@ -1,0 +1,114 @@
+"""What comm-eval scores: a saved composition or one of the paper's baselines, behind one
+interface (teacher-forced logits and batched greedy/sampled generation)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from comm_cli.compose import ComposedModel
+from comm_cli.compose.loading import load_causal_lm
+from comm_cli.compose.masks import positions_from_mask
+from comm_cli.compose.saving import read_composition_config
+from comm_cli.compose.specs import ModelSpec
+from comm_cli.errors import ConfigError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("calm", "anchor", "augment", "lora", "full")
+
+
+@dataclass
+class EvalModel:
+    """A model under evaluation and the tokenizer source that goes with it."""
+
+    kind: str
+    model: nn.Module
+    tokenizer_source: str
+    checkpoint: str | None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if isinstance(self.model, ComposedModel):
+            return self.model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                augment_attention_mask=batch["augment_attention_mask"],
+            ).logits
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=positions_from_mask(batch["attention_mask"]),
+        ).logits
+
+    def generate(
+        self, input_ids, attention_mask, generation, max_new_tokens, eos_token_id, pad_token_id, generator
+    ):
+        """New tokens (batch, <= max_new_tokens) after left-padded prompts."""
+        kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=generation.do_sample,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+        if generation.do_sample:
+            kwargs.update(temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p)
+        if isinstance(self.model, ComposedModel):
+            out = self.model.generate(input_ids, attention_mask, generator=generator, **kwargs)
+        else:
+            if generation.do_sample:
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                **{k: v for k, v in kwargs.items() if v is not None},
+            )
+        return out[:, input_ids.shape[1] :]
+
+
+def _spec_with(spec: ModelSpec, dtype: str | None) -> ModelSpec:
+    if dtype is None:
+        return spec
+    return ModelSpec(spec.name_or_path, spec.revision, dtype, spec.trust_remote_code, spec.block_path)
+
+
+def load_eval_model(cfg, device: torch.device) -> EvalModel:
+    kind = cfg.model
+    if kind not in MODELS:
+        raise ConfigError(f"model '{kind}' is not one of {list(MODELS)}")
+    if kind == "calm":
+        if not cfg.checkpoint:
+            raise ConfigError("model=calm needs checkpoint=<directory of a saved composition>")
+        composition = read_composition_config(cfg.checkpoint)
+        model = ComposedModel.from_pretrained(cfg.checkpoint, device=device)
+        return EvalModel(kind, model.eval(), composition.anchor.name_or_path, str(cfg.checkpoint))
+    if kind in ("anchor", "augment"):
+        spec = _spec_with(cfg.anchor if kind == "anchor" else cfg.augment, cfg.dtype)
+        model = load_causal_lm(spec, f"{kind} model", device)
+        return EvalModel(kind, model, spec.name_or_path, None)
+    if not cfg.checkpoint or not Path(cfg.checkpoint).is_dir():
+        raise ModelLoadError(
+            f"model={kind} needs checkpoint=<directory written by comm-train method={kind}>, got {cfg.checkpoint}"
+        )
+    if kind == "lora":
+        from peft import PeftModel
+
+        base = load_causal_lm(_spec_with(cfg.anchor, cfg.dtype), "anchor model", device)
+        try:
+            model = PeftModel.from_pretrained(base, cfg.checkpoint).merge_and_unload()
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"cannot load the LoRA adapter in {cfg.checkpoint} ({err}): give an adapter/ directory"
+            ) from err
+        return EvalModel(kind, model.eval(), cfg.anchor.name_or_path, str(cfg.checkpoint))
+    spec = ModelSpec(str(cfg.checkpoint), dtype=cfg.dtype or "float32")
+    return EvalModel(
+        kind, load_causal_lm(spec, "fine-tuned model", device), str(cfg.checkpoint), str(cfg.checkpoint)
+    )

@@ -1,0 +1,388 @@
+"""Benchmark comm's composition against its cost lower bound (DESIGN.md section 3).
+
+Builds random models locally (default: a Llama-style anchor of width 512, 8 layers, vocab 32000
+and a Qwen2-style augment of width 256, 8 layers) and measures in ONE process, interleaved and
+repeated (median of --repeats after --warmup rounds):
+
+  lower_bound   anchor forward + backward with frozen weights (activation gradients only, from
+                the loss down to the lowest connected anchor layer) + augment forward (no grad)
+                up to its last connected layer
+  calm_step     a full comm training step (forward, backward, AdamW step over the bridges)
+  cached_step   the same step reading precomputed augment states (trainer.cache_augment_states)
+  anchor_fwd_bwd  the anchor part of the lower bound alone
+  lora_step     a PEFT LoRA step on the anchor with the bridges' trainable-parameter budget
+  generation    composed KV-cached greedy decoding per token vs anchor-only + augment-only
+
+Peak memory per variant: torch.cuda.max_memory_allocated on a GPU; on the CPU the peak RSS of a
+fresh child process that runs only that variant (RSS cannot be reset within one process).
+
+    python scripts/bench.py                      # CPU, float32
+    python scripts/bench.py --device cuda        # bf16 bases, fp32 bridges
+    python scripts/bench.py --preset 1b          # ~1B anchor + ~0.5B augment (for a GPU)
+
+Prints a table and writes bench.json (path printed). Ratios only: no timing is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from comm_cli.compose import BridgeConfig, ComposedModel, MappingSpec  # noqa: E402
+from comm_cli.compose.blocks import find_blocks  # noqa: E402
+from comm_cli.compose.masks import positions_from_mask  # noqa: E402
+
+PRESETS = {
+    # width, layers, heads, kv heads, intermediate
+    "default": {"anchor": (512, 8, 8, 8, 1376), "augment": (256, 8, 4, 2, 688), "vocab": 32000},
+    "1b": {"anchor": (2048, 16, 32, 8, 8192), "augment": (896, 24, 14, 2, 4864), "vocab": 128256},
+}
+
+
+def build_models(args, dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    preset = PRESETS[args.preset]
+    aw, al, ah, akv, ai = preset["anchor"]
+    uw, ul, uh, ukv, ui = preset["augment"]
+    vocab = args.vocab or preset["vocab"]
+    anchor_cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=args.anchor_width or aw,
+        num_hidden_layers=args.anchor_layers or al,
+        num_attention_heads=ah,
+        num_key_value_heads=akv,
+        intermediate_size=ai,
+        max_position_embeddings=4096,
+    )
+    augment_cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=args.augment_width or uw,
+        num_hidden_layers=args.augment_layers or ul,
+        num_attention_heads=uh,
+        num_key_value_heads=ukv,
+        intermediate_size=ui,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    anchor = AutoModelForCausalLM.from_config(anchor_cfg, dtype=dtype).eval()
+    augment = AutoModelForCausalLM.from_config(augment_cfg, dtype=dtype).eval()
+    return anchor, augment
+
+
+def loss_of(logits, labels):
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+class Variants:
+    """Everything measured, built once and sharing the same frozen weights."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        anchor, augment = build_models(args, base_dtype)
+        self.anchor = anchor.to(device)
+        self.full_augment = augment.to(device)
+        self.vocab = anchor.config.vocab_size
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, self.vocab, (args.batch, args.seq), generator=g).to(device)
+        self.mask = torch.ones_like(self.ids)
+        import copy
+
+        # copies taken before composing, so the LoRA anchor carries no bridge hooks
+        self._lora_anchor = copy.deepcopy(self.anchor)
+        self.composed = ComposedModel.from_models(
+            self.anchor,
+            copy.deepcopy(self.full_augment),
+            MappingSpec(every=args.every),
+            BridgeConfig(num_heads=args.bridge_heads, zero_init_output=False),
+        )
+        for p in self.composed.bridges.parameters():
+            p.data.normal_(0, 0.02)
+        self.optimizer = torch.optim.AdamW(self.composed.bridges.parameters(), lr=1e-4)
+        self.lowest = min(b for _, _, b in self.composed.bridge_connections)
+        self.augment_base = self.composed.augments[0]
+        self.positions = positions_from_mask(self.mask)
+        with torch.no_grad():
+            self.states = [self.composed.augment_states(0, self.ids, self.mask, self.positions)]
+        self.budget = self.composed.parameter_counts()["trainable"]
+        self._lora = None
+
+    # -------------------------------------------------------------- the lower bound
+    def anchor_fwd_bwd(self):
+        """Frozen anchor forward + backward of activation gradients down to the lowest connected
+        layer: the layer's output is made a leaf that requires grad, so autograd stops there."""
+        layers = find_blocks(self.anchor).layers
+        handle = layers[self.lowest].register_forward_hook(lambda m, a, out: out.detach().requires_grad_())
+        try:
+            logits = self.anchor(input_ids=self.ids, attention_mask=self.mask).logits
+            loss_of(logits, self.ids).backward()
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def augment_forward(self):
+        self.composed.augment_states(0, self.ids, self.mask, self.positions)
+
+    def lower_bound(self):
+        self.augment_forward()
+        self.anchor_fwd_bwd()
+
+    # -------------------------------------------------------------- comm
+    def calm_step(self):
+        out = self.composed(self.ids, self.mask)
+        loss_of(out.logits, self.ids).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def cached_step(self):
+        out = self.composed(self.ids, self.mask, augment_states=self.states)
+        loss_of(out.logits, self.ids).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -------------------------------------------------------------- LoRA with the same budget
+    def lora(self):
+        if self._lora is None:
+            from peft import LoraConfig, get_peft_model
+
+            anchor = self._lora_anchor
+            probe = get_peft_model(anchor, LoraConfig(r=1, lora_alpha=2, target_modules=["q_proj", "v_proj"]))
+            per_rank = sum(p.numel() for p in probe.parameters() if p.requires_grad)
+            anchor = probe.unload()
+            r = max(1, round(self.budget / per_rank))
+            model = get_peft_model(
+                anchor, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"])
+            )
+            model.eval()  # no dropout, as the composition
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            self._lora = (model, opt, r, sum(p.numel() for p in model.parameters() if p.requires_grad))
+        return self._lora
+
+    def lora_step(self):
+        model, opt, _, _ = self.lora()
+        logits = model(input_ids=self.ids, attention_mask=self.mask).logits
+        loss_of(logits, self.ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # -------------------------------------------------------------- generation
+    @torch.no_grad()
+    def _greedy(self, model, tokens):
+        """A plain KV-cached greedy loop over a HF model (no composition)."""
+        from transformers import DynamicCache
+
+        ids = self.ids[:1, : self.args.prompt]
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        for _ in range(tokens - 1):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(input_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1)
+
+    def anchor_generate(self):
+        self._greedy(self.anchor, self.args.new_tokens)
+
+    def augment_generate(self):
+        self._greedy(self.full_augment, self.args.new_tokens)
+
+    @torch.no_grad()
+    def composed_generate(self):
+        ids = self.ids[:1, : self.args.prompt]
+        self.composed.generate(ids, max_new_tokens=self.args.new_tokens, eos_token_id=None)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict, device, warmup: int, repeats: int) -> dict[str, float]:
+    times = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_memory_cuda(variants: Variants, names: list[str]) -> dict[str, float]:
+    out = {}
+    for name in names:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        getattr(variants, name)()
+        sync(variants.device)
+        out[name] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def peak_rss_child(name: str, argv: list[str]) -> float:
+    """Peak RSS (MiB) of a fresh process that builds the models and runs one variant 3 times."""
+    result = subprocess.run(
+        [sys.executable, __file__, *argv, "--memory-child", name], capture_output=True, text=True, check=True
+    )
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    parser.add_argument("--anchor-width", type=int)
+    parser.add_argument("--anchor-layers", type=int)
+    parser.add_argument("--augment-width", type=int)
+    parser.add_argument("--augment-layers", type=int)
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--every", type=int, default=4, help="mapping.every (the paper's default: 4)")
+    parser.add_argument("--bridge-heads", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    variants = Variants(args, device)
+    if args.memory_child:
+        for _ in range(3):
+            getattr(variants, args.memory_child)()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return
+
+    variants.lora()
+    steps = {
+        "lower_bound": variants.lower_bound,
+        "anchor_fwd_bwd": variants.anchor_fwd_bwd,
+        "augment_forward": variants.augment_forward,
+        "calm_step": variants.calm_step,
+        "cached_step": variants.cached_step,
+        "lora_step": variants.lora_step,
+    }
+    step_times = time_interleaved(steps, device, args.warmup, args.repeats)
+    gen = {
+        "composed_generate": variants.composed_generate,
+        "anchor_generate": variants.anchor_generate,
+        "augment_generate": variants.augment_generate,
+    }
+    gen_times = time_interleaved(gen, device, 1, max(5, args.repeats // 2))
+    per_token = {k: v / args.new_tokens for k, v in gen_times.items()}
+
+    memory = {}
+    if not args.no_memory:
+        names = ["calm_step", "lora_step", "cached_step", "lower_bound"]
+        if device.type == "cuda":
+            memory = peak_memory_cuda(variants, names)
+        else:
+            child_argv = [a for a in sys.argv[1:]]
+            memory = {name: peak_rss_child(name, child_argv) for name in names}
+
+    tokens = args.batch * args.seq
+    _, _, lora_rank, lora_params = variants.lora()
+    result = {
+        "calm_step_over_lower_bound": step_times["calm_step"] / step_times["lower_bound"],
+        "calm_step_over_lora_step": step_times["calm_step"] / step_times["lora_step"],
+        "cached_step_over_anchor_fwd_bwd": step_times["cached_step"] / step_times["anchor_fwd_bwd"],
+        "generation_over_anchor_plus_augment": per_token["composed_generate"]
+        / (per_token["anchor_generate"] + per_token["augment_generate"]),
+        "peak_memory_over_lora": (memory["calm_step"] / memory["lora_step"]) if memory else None,
+        "seconds": step_times,
+        "generation_seconds_per_token": per_token,
+        "peak_memory_mib": memory,
+        "memory_measure": "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "peak RSS of a child process",
+        "tokens_per_step": tokens,
+        "calm_tokens_per_s": tokens / step_times["calm_step"],
+        "shapes": {
+            "anchor": {
+                k: getattr(variants.anchor.config, k)
+                for k in ("hidden_size", "num_hidden_layers", "vocab_size")
+            },
+            "augment": {
+                k: getattr(variants.full_augment.config, k) for k in ("hidden_size", "num_hidden_layers")
+            },
+            "connections": [list(c[1:]) for c in variants.composed.bridge_connections],
+            "batch": args.batch,
+            "seq": args.seq,
+            "bridge_params": variants.budget,
+            "lora_rank": lora_rank,
+            "lora_params": lora_params,
+        },
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "dtype": "bfloat16 bases, float32 bridges" if device.type == "cuda" else "float32",
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+    }
+    if device.type == "cuda":
+        result["mfu"] = _mfu(variants, step_times["calm_step"], tokens)
+    out = Path(args.out).resolve()
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(_table(result))
+    print(f"wrote {out}")
+
+
+def _mfu(variants, step_seconds, tokens) -> float:
+    """Model FLOPs utilisation of a calm step: 2*N*T (augment forward) + 6*N*T (anchor forward and
+    backward; weight-gradient FLOPs are not computed for frozen weights, so this is an upper count)
+    over the GPU's bf16 dense peak (H100/H200 SXM: 989 TFLOP/s)."""
+    anchor_params = sum(p.numel() for p in variants.anchor.parameters())
+    augment_params = sum(p.numel() for p in variants.augment_base.parameters())
+    useful = (4 * anchor_params + 2 * augment_params) * tokens  # fwd 2NT + activation-grad bwd 2NT
+    peak = float(os.environ.get("COMM_PEAK_FLOPS", 989e12))
+    return useful / step_seconds / peak
+
+
+def _table(result) -> str:
+    rows = [
+        ("calm_step / lower_bound", result["calm_step_over_lower_bound"], "<= 1.10"),
+        ("calm_step / lora_step", result["calm_step_over_lora_step"], ""),
+        ("cached_step / anchor fwd+bwd", result["cached_step_over_anchor_fwd_bwd"], "<= 1.10"),
+        ("generation / (anchor + augment)", result["generation_over_anchor_plus_augment"], "<= 1.15"),
+        ("peak memory calm / lora", result["peak_memory_over_lora"], "<= 1.2"),
+    ]
+    lines = [f"{'ratio':34s} {'measured':>9s}  target"]
+    for name, value, target in rows:
+        lines.append(f"{name:34s} {value if value is None else round(value, 3)!s:>9s}  {target}")
+    lines.append("")
+    for name, seconds in result["seconds"].items():
+        lines.append(f"  {name:18s} {seconds * 1000:9.1f} ms")
+    for name, seconds in result["generation_seconds_per_token"].items():
+        lines.append(f"  {name:18s} {seconds * 1000:9.2f} ms/token")
+    for name, mib in result["peak_memory_mib"].items():
+        lines.append(f"  peak {name:13s} {mib:9.0f} MiB")
+    lines.append(f"  device {result['device']}, {result['dtype']}, {result['threads']} threads")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
