@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint format clean
+.PHONY: install test test-fast lint format clean demo bench
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,14 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The paper's key-value arithmetic experiment end to end (specialists, CALM, controls, table).
+demo: install
+	$(BIN)/python scripts/kv_demo.py $(DEMO_ARGS)
+
+# comm against its cost lower bound; prints ratios and writes bench.json.
+bench: install
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check comm_cli scripts tests

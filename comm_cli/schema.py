@@ -35,6 +35,9 @@ class KVTaskConfig:
 
     task: str = "kv_arithmetic"  # arithmetic | lookup | kv_arithmetic | kv_substitution | kv_prefixed
     key_split: str = "composition"  # the keys drawn from: composition | heldout | all
+    # Training only: this fraction of examples is plain numeric arithmetic, so the bridges learn
+    # to leave the anchor's own skill alone where there is no key.
+    arithmetic_fraction: float = 0.0
     train_examples: int = 96000
     validation_examples: int = 512
     eval_examples: int = 500  # examples of an evaluation task (lookup: every key of the split, up to this)

@@ -52,7 +52,7 @@ PRESETS = {
 }
 
 
-def build_models(args, dtype):
+def build_models(args, dtype, device):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     preset = PRESETS[args.preset]
@@ -78,8 +78,9 @@ def build_models(args, dtype):
         max_position_embeddings=4096,
     )
     torch.manual_seed(0)
-    anchor = AutoModelForCausalLM.from_config(anchor_cfg, dtype=dtype).eval()
-    augment = AutoModelForCausalLM.from_config(augment_cfg, dtype=dtype).eval()
+    with torch.device(device):  # initialise where the model will run (fast for ~1B on a GPU)
+        anchor = AutoModelForCausalLM.from_config(anchor_cfg, dtype=dtype).eval()
+        augment = AutoModelForCausalLM.from_config(augment_cfg, dtype=dtype).eval()
     return anchor, augment
 
 
@@ -88,12 +89,14 @@ def loss_of(logits, labels):
 
 
 class Variants:
-    """Everything measured, built once and sharing the same frozen weights."""
+    """Everything measured, built once and sharing the same frozen weights. On a GPU every
+    variant runs under bf16 autocast, as comm-train's mixed precision does (the fp32 bridge
+    weights are then used in bf16 matmuls, their gradients and optimizer state stay fp32)."""
 
     def __init__(self, args, device):
         self.args, self.device = args, device
         base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        anchor, augment = build_models(args, base_dtype)
+        anchor, augment = build_models(args, base_dtype, device)
         self.anchor = anchor.to(device)
         self.full_augment = augment.to(device)
         self.vocab = anchor.config.vocab_size
@@ -185,12 +188,14 @@ class Variants:
         """A plain KV-cached greedy loop over a HF model (no composition)."""
         from transformers import DynamicCache
 
+        from comm_cli.compose.composed import _cache_kwarg
+
         ids = self.ids[:1, : self.args.prompt]
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        cache = {_cache_kwarg(model): DynamicCache(config=model.config)}
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache)
         for _ in range(tokens - 1):
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = model(input_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **cache)
 
     def anchor_generate(self):
         self._greedy(self.anchor, self.args.new_tokens)
@@ -209,13 +214,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def precision(device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def time_interleaved(fns: dict, device, warmup: int, repeats: int) -> dict[str, float]:
     times = {name: [] for name in fns}
     for round_ in range(warmup + repeats):
         for name, fn in fns.items():
             sync(device)
             start = time.perf_counter()
-            fn()
+            with precision(device):
+                fn()
             sync(device)
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
@@ -227,7 +241,8 @@ def peak_memory_cuda(variants: Variants, names: list[str]) -> dict[str, float]:
     for name in names:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        getattr(variants, name)()
+        with precision(variants.device):
+            getattr(variants, name)()
         sync(variants.device)
         out[name] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -338,7 +353,7 @@ def main():
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
         else platform.processor() or platform.machine(),
-        "dtype": "bfloat16 bases, float32 bridges" if device.type == "cuda" else "float32",
+        "dtype": "bfloat16 bases, float32 bridges, bf16 autocast" if device.type == "cuda" else "float32",
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "torch": torch.__version__,

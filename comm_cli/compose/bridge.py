@@ -26,7 +26,14 @@ from comm_cli.errors import ConfigError
 
 def bridge_parameter_count(augment_dim: int, anchor_dim: int, config: BridgeConfig) -> int:
     """Parameters of one bridge, computable from the model configs alone (for budget matching)."""
-    return augment_dim * anchor_dim + anchor_dim + 4 * anchor_dim * anchor_dim + (1 if config.gate else 0)
+    norms = augment_dim + anchor_dim if config.norm else 0
+    return (
+        augment_dim * anchor_dim
+        + anchor_dim
+        + 4 * anchor_dim * anchor_dim
+        + (1 if config.gate else 0)
+        + norms
+    )
 
 
 class Bridge(nn.Module):
@@ -53,6 +60,8 @@ class Bridge(nn.Module):
         self.v_proj = nn.Linear(anchor_dim, anchor_dim, bias=False)
         self.o_proj = nn.Linear(anchor_dim, anchor_dim, bias=False)
         self.gate = nn.Parameter(torch.zeros(())) if config.gate else None
+        self.augment_norm = nn.RMSNorm(augment_dim) if config.norm else None
+        self.query_norm = nn.RMSNorm(anchor_dim) if config.norm else None
         self.reset_parameters(zero_init_output=config.zero_init_output)
 
     @torch.no_grad()
@@ -66,6 +75,9 @@ class Bridge(nn.Module):
             nn.init.xavier_uniform_(self.o_proj.weight)
         if self.gate is not None:
             self.gate.zero_()
+        for norm in (self.augment_norm, self.query_norm):
+            if norm is not None:
+                nn.init.ones_(norm.weight)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -83,7 +95,10 @@ class Bridge(nn.Module):
         self, augment_states: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (batch, heads, seq, head_dim) from augment states (batch, seq, augment_dim)."""
-        projected = self.proj(augment_states.to(device=self.device, dtype=self.dtype))
+        states = augment_states.to(device=self.device, dtype=self.dtype)
+        if self.augment_norm is not None:
+            states = self.augment_norm(states)
+        projected = self.proj(states)
         keys, values = self._heads(self.k_proj(projected)), self._heads(self.v_proj(projected))
         if self.rotary:
             cos, sin = rotary_cos_sin(positions.to(self.device), self.head_dim, self.rope_theta, keys.dtype)
@@ -106,6 +121,8 @@ class Bridge(nn.Module):
         ``query_valid`` (batch, queries) zeroes queries that have no key to attend to.
         """
         x = anchor_states.to(device=self.device, dtype=self.dtype)
+        if self.query_norm is not None:
+            x = self.query_norm(x)
         queries = self._heads(self.q_proj(x))
         if self.rotary:
             cos, sin = rotary_cos_sin(

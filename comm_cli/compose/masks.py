@@ -37,6 +37,12 @@ def cross_attention_mask(
     columns 0..K-1 whose validity is ``key_valid`` (batch, K)."""
     key_valid = key_valid.bool()
     batch, num_keys = key_valid.shape
+    if mode == "causal" and num_queries == 1 and query_offset == num_keys - 1:
+        # One decoding step: every key column is at or before the query's, so only padding is
+        # masked. Built without reading values back to the host (no device sync per token).
+        own = key_valid[:, -1]
+        allowed = key_valid[:, None, None, :] | ~own[:, None, None, None]
+        return CrossAttentionMask(allowed, False, own[:, None])
     all_keys_valid = bool(key_valid.all())
     if mode == "causal":
         if all_keys_valid and query_offset == 0 and num_queries == num_keys:

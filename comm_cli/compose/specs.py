@@ -87,6 +87,9 @@ class BridgeConfig:
     zero_init_output: bool = True
     # Optional learned scalar gate tanh(g) on the bridge output, initialised at 0 (Flamingo-style).
     gate: bool = False
+    # RMSNorm (learned scale) on the anchor states and the augment states entering the bridge:
+    # makes the bridge indifferent to the very different scales of two models' residual streams.
+    norm: bool = False
     # Bridges may train in float32 while the bases run in bf16/fp16.
     dtype: str = "float32"
     dropout: float = 0.0

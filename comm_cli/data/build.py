@@ -52,12 +52,26 @@ def raw_splits(data_cfg, kv_dir: str | Path | None = None, seed: int = 0) -> dat
     if data_cfg.synthetic is None:
         return load_splits(data_cfg)
     world = _synthetic_world(data_cfg, kv_dir)
-    task, keys = data_cfg.kv.task, data_cfg.kv.key_split
-    splits = {"train": kv_split(task, data_cfg.kv.train_examples, seed, world, keys)}
+    splits = {"train": _mixed_split(data_cfg.kv, data_cfg.kv.train_examples, seed, world)}
     if data_cfg.kv.validation_examples:
         # A different seed: fresh expressions over the same keys.
-        splits["validation"] = kv_split(task, data_cfg.kv.validation_examples, seed + 1_000_003, world, keys)
+        splits["validation"] = _mixed_split(
+            data_cfg.kv, data_cfg.kv.validation_examples, seed + 1_000_003, world
+        )
     return datasets.DatasetDict(splits)
+
+
+def _mixed_split(kv_cfg, n: int, seed: int, world: kv.KVWorld) -> datasets.Dataset:
+    """``n`` examples of the task, of which ``arithmetic_fraction`` are plain numeric arithmetic."""
+    fraction = kv_cfg.arithmetic_fraction
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"data.kv.arithmetic_fraction must be in [0, 1), got {fraction}")
+    n_arithmetic = round(fraction * n)
+    split = kv_split(kv_cfg.task, n - n_arithmetic, seed, world, kv_cfg.key_split)
+    if n_arithmetic:
+        arithmetic = kv_split("arithmetic", n_arithmetic, seed + 7, world, "all")
+        split = datasets.concatenate_datasets([split, arithmetic]).shuffle(seed=seed).flatten_indices()
+    return split
 
 
 def eval_rows(

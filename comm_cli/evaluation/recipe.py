@@ -19,13 +19,30 @@ from comm_cli.training.trackers import log_with, start_trackers
 logger = logging.getLogger(__name__)
 
 
+def check_tasks(cfg) -> None:
+    """Metric names, answer extraction and data format of every task, before any model loads."""
+    from comm_cli.evaluation import metrics as M
+
+    if not cfg.tasks:
+        raise ConfigError(
+            "no evaluation task is configured: add one, e.g. '+task@tasks.mine=kv_arithmetic_heldout'"
+        )
+    for name, task in cfg.tasks.items():
+        unknown = sorted(set(task.metrics) - set(M.METRICS))
+        if unknown:
+            raise ConfigError(f"tasks.{name}.metrics has unknown {unknown}: use {list(M.METRICS)}")
+        M.extractor(task.extract, task.regex)
+        if set(task.metrics) - {"loss"} and task.data.format != "prompt_completion":
+            raise ConfigError(
+                f"tasks.{name}: generation metrics need prompt/completion data: set data.format=prompt_completion "
+                "or metrics=[loss]"
+            )
+
+
 def evaluate(cfg, raw_config: dict) -> list[dict]:
     run_dir = Path(cfg.output_dir).resolve()
     setup_logging(run_dir / "eval.log")
-    if not cfg.tasks:
-        raise ConfigError(
-            "no evaluation task is configured: add one, e.g. task@tasks.mine=kv_arithmetic_heldout"
-        )
+    check_tasks(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from comm_cli.data.build import eval_rows
 from comm_cli.data.collate import CompletionCollator
 from comm_cli.data.tokenize import tokenize_split
-from comm_cli.errors import ConfigError
 from comm_cli.evaluation import metrics as M
 from comm_cli.evaluation.models import EvalModel
 
@@ -58,9 +57,6 @@ class TaskRunner:
         self.kv_dir, self.seed, self.progress = kv_dir, seed, progress
 
     def run(self, name: str, task) -> TaskResult:
-        unknown = sorted(set(task.metrics) - set(M.METRICS))
-        if unknown:
-            raise ConfigError(f"tasks.{name}.metrics has unknown {unknown}: use {list(M.METRICS)}")
         rows = eval_rows(task.data, self.kv_dir, self.seed, task.max_examples)
         result = TaskResult(task=name, metrics={}, n=len(rows))
         if "loss" in task.metrics:
@@ -91,19 +87,12 @@ class TaskRunner:
             tokens += int((labels != IGNORE_INDEX).sum())
         return total / max(tokens, 1)
 
-    def _fields(self, task) -> tuple[str, str]:
-        if task.data.format != "prompt_completion":
-            raise ConfigError(
-                "generation metrics need prompt/completion data: set the task's data.format=prompt_completion "
-                "or use metrics=[loss]"
-            )
-        return task.data.prompt_field, task.data.completion_field
-
     @torch.no_grad()
     def generation_metrics(self, name, rows, task, wanted, result: TaskResult) -> None:
         from tqdm.auto import tqdm
 
-        prompt_field, completion_field = self._fields(task)
+        # check_tasks (evaluation.recipe) has made sure this is prompt/completion data
+        prompt_field, completion_field = task.data.prompt_field, task.data.completion_field
         prompts = [str(p) for p in rows[prompt_field]]
         references = [str(c) for c in rows[completion_field]]
         gen = self.generation

@@ -34,6 +34,16 @@ def prepare_kv_specialists(cfg) -> None:
     settings = cfg.kv.specialists
     if read_complete_manifest(kv_dir, settings) is not None:
         return
+    built_hash = _complete_build_hash(kv_dir)
+    if built_hash is not None:
+        # kv.dir was named explicitly and holds a finished build: use it as it is.
+        logger.warning(
+            "kv.dir %s holds specialists built with other settings (%s, the config describes %s): using them as they are",
+            kv_dir,
+            built_hash,
+            settings.hash(),
+        )
+        return
     if not cfg.kv.build:
         raise ModelLoadError(
             f"the key-value specialists are missing in {kv_dir}: build them with "
@@ -44,6 +54,19 @@ def prepare_kv_specialists(cfg) -> None:
         return
     logger.info("building the key-value specialists in %s (first use; later runs reuse them)", kv_dir)
     ensure_specialists(kv_dir, settings)
+
+
+def _complete_build_hash(kv_dir: Path) -> str | None:
+    """The settings hash of a finished build in ``kv_dir`` (whatever its settings), else None."""
+    import json
+
+    try:
+        manifest = json.loads((kv_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not manifest.get("complete") or not (kv_dir / "anchor" / "config.json").is_file():
+        return None
+    return manifest.get("settings_hash")
 
 
 def _wait_for(kv_dir: Path, settings, timeout_s: float = 3600.0) -> None:
