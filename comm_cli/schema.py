@@ -65,7 +65,8 @@ class LoraConfig:
     r: int | None = None
     alpha: float | None = None  # None: 2 * r
     dropout: float = 0.0
-    target_modules: list[str] | None = None  # None: PEFT's default for the architecture
+    # None: PEFT's default for the architecture (often q_proj, v_proj); [all-linear]: every linear layer
+    target_modules: list[str] | None = None
 
 
 @dataclass

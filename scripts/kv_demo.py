@@ -3,18 +3,21 @@
 1. the two specialists (built on first use, then reused from the cache),
 2. CALM: bridges between the augment (knows every key's value) and the anchor (arithmetic only),
    trained on expressions over the 20% composition keys,
-3. the paper's controls: CALM with a randomly initialised augment of the same shape, and LoRA on
-   the anchor with the bridges' parameter budget (a small learning-rate sweep, best by
-   validation loss),
-4. comm-eval of every system on the held-out keys, numeric arithmetic and key lookup,
+3. the paper's controls: CALM with a randomly initialised augment of the same shape (same
+   budget), and LoRA on the anchor with the bridges' parameter budget (a learning-rate sweep,
+   best by validation loss),
+4. comm-eval of every system on the held-out keys, numeric arithmetic and key lookup (and, for
+   the trained systems, the composition keys they trained on),
 5. the table, printed and written to <output_root>/table.json.
 
-Each step is the same config comm-train / comm-eval use (composed in this process, so the
-models load once per step and Python starts once). `--fast` runs tiny sizes in seconds (the
-test suite uses it); it checks the plumbing, not the accuracy.
+Every training and evaluation is a plain `comm-train` / `comm-eval` run (logs under
+<output_root>/logs/). Independent runs go to --workers processes with --threads threads each
+(default 2 x 1 on this 2-core machine: two single-threaded runs side by side finish sooner than
+the same runs one after the other with two threads each).
 
-    python scripts/kv_demo.py                     # the real experiment
-    python scripts/kv_demo.py --fast --output-root /tmp/demo
+    python scripts/kv_demo.py                          # the experiment
+    python scripts/kv_demo.py --lora-steps 1500        # LoRA with CALM's full step budget
+    python scripts/kv_demo.py --fast --output-root /tmp/demo    # tiny sizes: the plumbing only
 """
 
 from __future__ import annotations
@@ -22,69 +25,124 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 SYSTEMS = ("m_A alone", "m_B alone", "LoRA on m_B", "CALM", "CALM, random m_A")
 COLUMNS = ("kv_arithmetic_heldout", "kv_substitution_heldout", "numeric_arithmetic", "key_lookup")
-
-# Tiny everything: seconds, for tests of the pipeline.
-FAST_TRAIN = [
-    "experiment=kv_smoke",
-    "trainer.max_steps=4",
-    "trainer.save_every=null",
-    "trainer.eval_every=null",
-]
-FAST_EVAL = ["generation.batch_size=16"] + [f"tasks.{task}.data.kv.eval_examples=8" for task in COLUMNS]
+TRAIN_KEYS = "kv_arithmetic_train_keys"
+FAST_TRAIN = ["experiment=kv_smoke", "trainer.max_steps=4"]
+FAST_EVAL = ["generation.batch_size=16"]
 
 
-def compose_config(config_name: str, overrides: list[str], output_dir: Path):
+def compose_train_config(overrides: list[str]):
+    """The composed comm-train config (to read kv.dir and the specialists' settings)."""
     from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
 
     from comm_cli.cli import config_dir
     from comm_cli.schema import register_schemas
 
     register_schemas()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            config_name=config_name,
-            overrides=[*overrides, f"output_dir={output_dir}"],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+        cfg = compose(config_name="train", overrides=[*overrides, "output_dir=unused"])
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(cfg)
 
 
-def train(root: Path, name: str, overrides: list[str]) -> dict:
-    from comm_cli.train import run
+class Job:
+    """A comm-train / comm-eval run; ``args`` may be a callable evaluated when the job starts
+    (after its dependencies, e.g. the best LoRA learning rate)."""
 
-    start = time.perf_counter()
-    run_dir = root / name
-    cfg = compose_config(
-        "train", [f"name={name}", f"output_root={root}", "overwrite=true", *overrides], run_dir
-    )
-    run(cfg)
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    summary["seconds"] = time.perf_counter() - start
-    print(f"[demo] trained {name} in {summary['seconds']:.0f} s", flush=True)
-    return summary
+    def __init__(self, module: str, name: str, args, after: tuple[str, ...] = ()):
+        self.module, self.name, self.args, self.after = module, name, args, after
 
 
-def evaluate(root: Path, name: str, overrides: list[str]) -> dict[str, float]:
-    from comm_cli.eval import run
+class Runner:
+    """Runs jobs as subprocesses on --workers worker threads. A free worker takes the first job
+    (in the order given) whose dependencies have finished."""
 
-    cfg = compose_config("eval", [f"output_root={root}", *overrides], root / "eval" / name)
-    rows = run(cfg)
-    return {
-        row["task"]: row["value"] for row in rows if row["metric"] == "exact_match" and not row.get("variant")
-    }, rows
+    def __init__(self, root: Path, workers: int, threads: int):
+        self.root, self.workers, self.threads = root, workers, threads
+        self.seconds: dict[str, float] = {}
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+
+    def train(self, name: str, overrides, after: tuple[str, ...] = ()) -> Job:
+        head = [
+            f"name={name}",
+            f"output_root={self.root}",
+            "overwrite=true",
+            f"trainer.num_threads={self.threads}",
+        ]
+        return Job("comm_cli.train", name, lambda: head + _resolve(overrides), after)
+
+    def eval(self, name: str, overrides, after: tuple[str, ...] = ()) -> Job:
+        head = [f"name=eval_{name}", f"output_root={self.root}", f"num_threads={self.threads}"]
+        return Job("comm_cli.eval", f"eval_{name}", lambda: head + _resolve(overrides), after)
+
+    def _run(self, job: Job) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("WANDB_SERVICE", None)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        log = self.root / "logs" / f"{job.name}.log"
+        start = time.perf_counter()
+        with open(log, "w") as out:
+            status = subprocess.run(
+                [sys.executable, "-m", job.module, *job.args()],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.root,
+            ).returncode
+        if status != 0:
+            tail = "\n".join(log.read_text().splitlines()[-25:])
+            raise RuntimeError(f"{job.name} failed (exit {status}); the end of {log}:\n{tail}")
+        self.seconds[job.name] = time.perf_counter() - start
+        print(f"[demo] {job.name} done in {self.seconds[job.name]:.0f} s", flush=True)
+
+    def run(self, jobs: list[Job]) -> None:
+        todo, done, failures = list(jobs), set(), []
+        lock = threading.Condition()
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    while True:
+                        if failures or not todo:
+                            return
+                        ready = next((j for j in todo if set(j.after) <= done), None)
+                        if ready is not None:
+                            todo.remove(ready)
+                            break
+                        lock.wait()
+                try:
+                    self._run(ready)
+                except RuntimeError as err:
+                    with lock:
+                        failures.append(err)
+                        lock.notify_all()
+                    return
+                with lock:
+                    done.add(ready.name)
+                    lock.notify_all()
+
+        threads = [threading.Thread(target=worker) for _ in range(self.workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise SystemExit(f"[demo] {failures[0]}")
+
+
+def _resolve(overrides):
+    return overrides() if callable(overrides) else list(overrides)
 
 
 def random_augment(root: Path, kv_dir: Path, seed: int) -> Path:
@@ -104,6 +162,13 @@ def random_augment(root: Path, kv_dir: Path, seed: int) -> Path:
         load_tokenizer(str(kv_dir / "augment")).save_pretrained(tmp)
         os.replace(tmp, target)
     return target
+
+
+def exact_matches(root: Path, name: str, variant: str | None = None) -> dict[str, float]:
+    rows = json.loads((root / f"eval_{name}" / "results.json").read_text())["results"]
+    return {
+        r["task"]: r["value"] for r in rows if r["metric"] == "exact_match" and r.get("variant") == variant
+    }
 
 
 def format_table(rows: list[dict]) -> str:
@@ -128,64 +193,126 @@ def main() -> None:
     parser.add_argument("--output-root", default="outputs/kv_demo")
     parser.add_argument("--fast", action="store_true", help="tiny sizes, a few steps (checks the pipeline)")
     parser.add_argument("--lora-lrs", default="1e-3,3e-3,1e-2", help="LoRA learning-rate sweep")
-    parser.add_argument("--logger", default="none", help="logger for every step (wandb, tensorboard, none)")
+    parser.add_argument(
+        "--lora-steps", type=int, default=300, help="steps of each LoRA sweep run (CALM's budget: 1500)"
+    )
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--logger", default="none", help="tracker of every run (wandb, tensorboard, none)")
     args = parser.parse_args()
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = Path(args.output_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     base = [f"logger={args.logger}", "trainer.progress_bar=false"] + (FAST_TRAIN if args.fast else [])
+    lora_steps = 4 if args.fast else args.lora_steps
 
-    # 1-2. specialists (first use builds them) and CALM
-    calm = train(root, "calm", base)
-    kv_dir = Path(compose_config("train", base, root / "calm").kv.dir)
-    eval_base = [f"logger={args.logger}", f"kv.dir={kv_dir}"] + (FAST_EVAL if args.fast else [])
+    # 1. the specialists, once, before anything runs in parallel
+    cfg = compose_train_config(base)
+    from comm_cli.training.kv_setup import prepare_kv_specialists
 
-    # 3. controls
+    prepare_kv_specialists(cfg)
+    kv_dir = Path(cfg.kv.dir)
+    print(f"[demo] specialists ready in {kv_dir} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    # 2-4. CALM, the controls and their evaluations: the long trainings first, the evaluations
+    # of the untrained specialists fill gaps, each trained system is scored as soon as it is done.
+    runner = Runner(root, args.workers, args.threads)
     random_dir = random_augment(root, kv_dir, seed=1234)
-    calm_random = train(root, "calm_random_augment", base + [f"augment.name_or_path={random_dir}"])
-    lora_runs = {}
-    for lr in args.lora_lrs.split(","):
-        lora_runs[lr] = train(root, f"lora_lr{lr}", base + ["method=lora", f"optimizer.lr={lr}"])
-    best_lr = min(lora_runs, key=lambda lr: lora_runs[lr]["metrics"].get("val/loss", float("inf")))
-    print(f"[demo] LoRA sweep {args.lora_lrs}: best lr {best_lr} by validation loss", flush=True)
+    lrs = args.lora_lrs.split(",")
+    eval_base = [f"logger={args.logger}", f"kv.dir={kv_dir}"] + (FAST_EVAL if args.fast else [])
+    if args.fast:
+        eval_base += [f"tasks.{task}.data.kv.eval_examples=8" for task in COLUMNS]
+    train_keys = [f"+task@tasks.{TRAIN_KEYS}={TRAIN_KEYS}"]
+    if args.fast:
+        train_keys.append(f"tasks.{TRAIN_KEYS}.data.kv.eval_examples=8")
+    lora_loss: dict[str, float] = {}
 
-    # 4. evaluation of every system
+    def best_lora_lr() -> str:
+        if not lora_loss:
+            for lr in lrs:
+                summary = json.loads((root / f"lora_lr{lr}" / "train_summary.json").read_text())
+                lora_loss[lr] = summary["metrics"].get("val/loss", float("inf"))
+            print(
+                f"[demo] LoRA sweep {lora_loss}: best lr {min(lora_loss, key=lora_loss.get)} by validation loss"
+            )
+        return min(lora_loss, key=lora_loss.get)
+
     calm_dir, random_calm_dir = root / "calm" / "composition", root / "calm_random_augment" / "composition"
-    lora_dir = root / f"lora_lr{best_lr}" / "adapter"
+    lora_names = tuple(f"lora_lr{lr}" for lr in lrs)
+    runner.run(
+        [
+            runner.train("calm", base),
+            runner.train("calm_random_augment", base + [f"augment.name_or_path={random_dir}"]),
+            runner.eval(
+                "calm",
+                eval_base + train_keys + ["model=calm", f"checkpoint={calm_dir}", "bridges_off=true"],
+                ("calm",),
+            ),
+            runner.eval(
+                "calm_random",
+                eval_base + train_keys + ["model=calm", f"checkpoint={random_calm_dir}"],
+                ("calm_random_augment",),
+            ),
+            *(
+                runner.train(
+                    f"lora_lr{lr}",
+                    base + ["method=lora", f"optimizer.lr={lr}", f"trainer.max_steps={lora_steps}"],
+                )
+                for lr in lrs
+            ),
+            runner.eval("m_A", eval_base + ["model=augment", "checkpoint=null"]),
+            runner.eval("m_B", eval_base + ["model=anchor", "checkpoint=null"]),
+            runner.eval(
+                "lora",
+                lambda: (
+                    eval_base
+                    + train_keys
+                    + ["model=lora", f"checkpoint={root / f'lora_lr{best_lora_lr()}' / 'adapter'}"]
+                ),
+                lora_names,
+            ),
+        ]
+    )
+    best_lr = best_lora_lr()
+    summaries = {
+        name: json.loads((root / name / "train_summary.json").read_text())
+        for name in ["calm", "calm_random_augment", f"lora_lr{best_lr}"]
+    }
+
+    # 5. the table
     results = {
-        "m_A alone": evaluate(root, "m_A", eval_base + ["model=augment", "checkpoint=null"]),
-        "m_B alone": evaluate(root, "m_B", eval_base + ["model=anchor", "checkpoint=null"]),
-        "LoRA on m_B": evaluate(root, "lora", eval_base + ["model=lora", f"checkpoint={lora_dir}"]),
-        "CALM": evaluate(
-            root, "calm", eval_base + ["model=calm", f"checkpoint={calm_dir}", "bridges_off=true"]
-        ),
-        "CALM, random m_A": evaluate(
-            root, "calm_random", eval_base + ["model=calm", f"checkpoint={random_calm_dir}"]
-        ),
+        "m_A alone": exact_matches(root, "m_A"),
+        "m_B alone": exact_matches(root, "m_B"),
+        "LoRA on m_B": exact_matches(root, "lora"),
+        "CALM": exact_matches(root, "calm"),
+        "CALM, random m_A": exact_matches(root, "calm_random"),
     }
     params = {
         "m_A alone": 0,
         "m_B alone": 0,
-        "LoRA on m_B": lora_runs[best_lr]["parameters"]["trainable"],
-        "CALM": calm["parameters"]["trainable"],
-        "CALM, random m_A": calm_random["parameters"]["trainable"],
+        "LoRA on m_B": summaries[f"lora_lr{best_lr}"]["parameters"]["trainable"],
+        "CALM": summaries["calm"]["parameters"]["trainable"],
+        "CALM, random m_A": summaries["calm_random_augment"]["parameters"]["trainable"],
     }
     rows = [
-        {"system": s, **{c: results[s][0].get(c) for c in COLUMNS}, "trainable_params": params[s]}
+        {"system": s, **{c: results[s].get(c) for c in COLUMNS}, "trainable_params": params[s]}
         for s in SYSTEMS
     ]
-    bridges_off = {
-        r["task"]: r["value"] for r in results["CALM"][1] if r.get("variant") and r["metric"] == "exact_match"
-    }
     elapsed = time.perf_counter() - start
     table = {
         "rows": rows,
-        "calm_bridges_off": bridges_off,
-        "lora_sweep": {lr: run["metrics"].get("val/loss") for lr, run in lora_runs.items()},
+        "calm_bridges_off": exact_matches(root, "calm", "bridges off"),
+        "train_keys_kv_arithmetic": {
+            s: results[s].get(TRAIN_KEYS) for s in ("LoRA on m_B", "CALM", "CALM, random m_A")
+        },
+        "lora_sweep_val_loss": lora_loss,
         "lora_best_lr": best_lr,
+        "lora_steps": lora_steps,
+        "job_seconds": {k: round(v, 1) for k, v in runner.seconds.items()},
         "seconds": round(elapsed, 1),
+        "workers": args.workers,
+        "threads_per_worker": args.threads,
         "fast": args.fast,
     }
     path = root / "table.json"
@@ -194,8 +321,14 @@ def main() -> None:
     os.replace(tmp, path)
     print()
     print(format_table(rows))
+    off = table["calm_bridges_off"].get("numeric_arithmetic")
     print(
-        f"\nCALM with its bridges off (= m_B): numeric_arithmetic {100 * bridges_off.get('numeric_arithmetic', 0):.1f}%"
+        f"\nCALM with its bridges switched off: numeric_arithmetic {100 * (off or 0):.1f}% (m_B alone: "
+        f"{100 * results['m_B alone'].get('numeric_arithmetic', 0):.1f}%)"
+    )
+    print(
+        "kv_arithmetic on the composition (training) keys: "
+        + ", ".join(f"{s} {100 * (v or 0):.1f}%" for s, v in table["train_keys_kv_arithmetic"].items())
     )
     print(f"[demo] {elapsed:.0f} s in all; table written to {path}")
 

@@ -55,7 +55,8 @@ def test_fast_demo_writes_the_table(tmp_path):
     params = {row["system"]: row["trainable_params"] for row in table["rows"]}
     assert params["m_A alone"] == params["m_B alone"] == 0
     assert params["CALM"] == params["CALM, random m_A"] > 0 and params["LoRA on m_B"] > 0
-    assert set(table["lora_sweep"]) == {"1e-3", "1e-2"}
+    assert set(table["lora_sweep_val_loss"]) == {"1e-3", "1e-2"}
+    assert set(table["train_keys_kv_arithmetic"]) == {"LoRA on m_B", "CALM", "CALM, random m_A"}
     # the specialists were built into the cache on first use, and the table was printed
     assert list(Path(tmp_path / "cache").glob("kv_specialists/*/manifest.json"))
     assert "CALM, random m_A" in result.stdout

@@ -124,6 +124,15 @@ def calm_parameter_budget(cfg) -> int:
     return total
 
 
+def _lora_targets(names):
+    """PEFT's target_modules: None (its default for the architecture), ["all-linear"] (every linear
+    layer but the LM head) or module names."""
+    if not names:
+        return None
+    names = list(names)
+    return "all-linear" if names == ["all-linear"] else names
+
+
 def build_lora(cfg, device=None) -> nn.Module:
     """PEFT LoRA on the anchor; rank matched to the CALM bridges' parameter count unless set."""
     from peft import LoraConfig, get_peft_model
@@ -136,7 +145,7 @@ def build_lora(cfg, device=None) -> nn.Module:
             r=r,
             lora_alpha=lora.alpha if lora.alpha is not None else 2 * r,
             lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules) if lora.target_modules else None,
+            target_modules=_lora_targets(lora.target_modules),
             task_type="CAUSAL_LM",
         )
 
