@@ -26,10 +26,10 @@ Prints a table and writes bench.json (path printed). Ratios only: no timing is a
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from comm_cli.compose import BridgeConfig, ComposedModel, MappingSpec  # noqa: E402
 from comm_cli.compose.blocks import find_blocks  # noqa: E402
+from comm_cli.compose.bridge import bridge_parameter_count  # noqa: E402
+from comm_cli.compose.mapping import resolve_connections  # noqa: E402
 from comm_cli.compose.masks import positions_from_mask  # noqa: E402
 
 PRESETS = {
@@ -93,36 +95,44 @@ class Variants:
     variant runs under bf16 autocast, as comm-train's mixed precision does (the fp32 bridge
     weights are then used in bf16 matmuls, their gradients and optimizer state stay fp32)."""
 
-    def __init__(self, args, device):
+    def __init__(self, args, device, only: str | None = None):
+        """``only``: build just what that variant needs (a peak-memory child process)."""
         self.args, self.device = args, device
         base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         anchor, augment = build_models(args, base_dtype, device)
         self.anchor = anchor.to(device)
-        self.full_augment = augment.to(device)
         self.vocab = anchor.config.vocab_size
         g = torch.Generator().manual_seed(1)
         self.ids = torch.randint(0, self.vocab, (args.batch, args.seq), generator=g).to(device)
         self.mask = torch.ones_like(self.ids)
-        import copy
-
-        # copies taken before composing, so the LoRA anchor carries no bridge hooks
-        self._lora_anchor = copy.deepcopy(self.anchor)
-        self.composed = ComposedModel.from_models(
-            self.anchor,
-            copy.deepcopy(self.full_augment),
+        self.positions = positions_from_mask(self.mask)
+        mapping, bridge = (
             MappingSpec(every=args.every),
             BridgeConfig(num_heads=args.bridge_heads, zero_init_output=False),
+        )
+        self.budget = len(
+            resolve_connections(mapping, augment.config.num_hidden_layers, anchor.config.num_hidden_layers)
+        ) * (bridge_parameter_count(augment.config.hidden_size, anchor.config.hidden_size, bridge))
+        self._lora = None
+        # copies taken before composing, so the LoRA anchor carries no bridge hooks
+        if only is None:
+            self._lora_anchor = copy.deepcopy(self.anchor)
+        else:  # a memory child: the LoRA one wraps the anchor itself, the others need no LoRA
+            self._lora_anchor = self.anchor if only == "lora_step" else None
+        if only == "lora_step":
+            return
+        self.full_augment = augment if only is None else None
+        self.composed = ComposedModel.from_models(
+            self.anchor, copy.deepcopy(augment) if only is None else augment, mapping, bridge
         )
         for p in self.composed.bridges.parameters():
             p.data.normal_(0, 0.02)
         self.optimizer = torch.optim.AdamW(self.composed.bridges.parameters(), lr=1e-4)
         self.lowest = min(b for _, _, b in self.composed.bridge_connections)
         self.augment_base = self.composed.augments[0]
-        self.positions = positions_from_mask(self.mask)
         with torch.no_grad():
             self.states = [self.composed.augment_states(0, self.ids, self.mask, self.positions)]
-        self.budget = self.composed.parameter_counts()["trainable"]
-        self._lora = None
+        assert self.budget == self.composed.parameter_counts()["trainable"]
 
     # -------------------------------------------------------------- the lower bound
     def anchor_fwd_bwd(self):
@@ -249,11 +259,35 @@ def peak_memory_cuda(variants: Variants, names: list[str]) -> dict[str, float]:
 
 
 def peak_rss_child(name: str, argv: list[str]) -> float:
-    """Peak RSS (MiB) of a fresh process that builds the models and runs one variant 3 times."""
+    """Peak RSS (MiB) of a fresh process that builds only the models one variant needs and runs it
+    3 times (RSS sampled every millisecond while it runs)."""
     result = subprocess.run(
         [sys.executable, __file__, *argv, "--memory-child", name], capture_output=True, text=True, check=True
     )
     return float(result.stdout.strip().splitlines()[-1])
+
+
+def sampled_peak_rss(fn) -> float:
+    """Peak resident memory (MiB) of this process while ``fn`` runs."""
+    import threading
+
+    import psutil
+
+    process, peak, running = psutil.Process(), [0], [True]
+
+    def sample():
+        while running[0]:
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        fn()
+    finally:
+        running[0] = False
+        thread.join()
+    return max(peak[0], process.memory_info().rss) / 2**20
 
 
 def main():
@@ -284,12 +318,11 @@ def main():
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    variants = Variants(args, device)
     if args.memory_child:
-        for _ in range(3):
-            getattr(variants, args.memory_child)()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        variants = Variants(args, device, only=args.memory_child)
+        print(sampled_peak_rss(lambda: [getattr(variants, args.memory_child)() for _ in range(3)]))
         return
+    variants = Variants(args, device)
 
     variants.lora()
     steps = {
