@@ -9,6 +9,7 @@ import random
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -161,6 +162,8 @@ def wandb_records(run_file: Path) -> list:
             pos += left_in_block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        if pos + header + length > len(data):  # a record still being written
+            break
         payload = data[pos + header : pos + header + length]
         pos += header + length
         if kind == 0 and length == 0:
@@ -174,13 +177,28 @@ def wandb_records(run_file: Path) -> list:
     return records
 
 
+def finished_wandb_records(run_file: Path, timeout_s: float = 60.0) -> list:
+    """The records of a run file once its ``exit`` record is on disk.
+
+    ``wandb.finish()`` returns when the service has handled the exit, but the service closes
+    (and flushes) the file a moment later; on a loaded machine a read right after the run can
+    see a file without its last records (the final history row is written at exit).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = wandb_records(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def wandb_history(run_dir: Path) -> tuple[list[dict], dict, str]:
     """(history rows, config, run id) of the single W&B offline run under ``run_dir/wandb``."""
     files = sorted((Path(run_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
     assert files, f"no W&B offline run under {run_dir}/wandb"
     rows, config, run_id = [], {}, None
     for path in files:
-        for record in wandb_records(path):
+        for record in finished_wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "history":
                 rows.append(
