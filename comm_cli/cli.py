@@ -69,6 +69,15 @@ def setup_logging(log_file: Path | None = None, main_process: bool | None = None
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def reset_accelerate_state() -> None:
+    """Forget the process-wide Accelerate state, so that the next job in this process (a Hydra
+    sweep's next run, a test) builds a fresh Accelerator with its own settings."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
 def run_reporting_errors(program: str, fn: Callable[[], object]) -> object:
     """Run ``fn``; a CommError becomes one line on stderr and exit status 2."""
     try:

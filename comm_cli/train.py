@@ -14,7 +14,13 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from comm_cli.cli import check_override_keys, config_dir, resolve_output_dir, run_reporting_errors
+from comm_cli.cli import (
+    check_override_keys,
+    config_dir,
+    reset_accelerate_state,
+    resolve_output_dir,
+    run_reporting_errors,
+)
 from comm_cli.schema import TrainConfig, register_schemas
 
 PROGRAM = "comm-train"
@@ -49,20 +55,12 @@ def run(cfg: DictConfig) -> dict:
     finally:
         if hasattr(recipe, "accelerator"):
             recipe.cleanup()
-            _reset_accelerate()
+            reset_accelerate_state()
 
 
 def to_typed(cfg: DictConfig) -> TrainConfig:
     """The typed config; dataclass checks (e.g. a mapping with two forms) raise ConfigErrors."""
     return OmegaConf.to_object(cfg)
-
-
-def _reset_accelerate() -> None:
-    """Let a sweep (-m) build a fresh Accelerator for its next job in this process."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

@@ -6,7 +6,6 @@ from comm_cli.compose.composed import (
     ComposedModel,
     CompositionCache,
     CompositionOutput,
-    causal_lm_loss,
     check_config,
 )
 from comm_cli.compose.generation import GenerationOutput, generate
@@ -27,7 +26,6 @@ __all__ = [
     "MappingSpec",
     "ModelSpec",
     "WEIGHTS_NAME",
-    "causal_lm_loss",
     "check_config",
     "find_blocks",
     "generate",

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -39,8 +38,7 @@ from comm_cli.compose.mapping import resolve_connections
 from comm_cli.compose.masks import CrossAttentionMask, cross_attention_mask, positions_from_mask
 from comm_cli.compose.specs import AugmentSpec, BridgeConfig, CompositionConfig, MappingSpec, ModelSpec
 from comm_cli.errors import ConfigError
-
-IGNORE_INDEX = -100
+from comm_cli.losses import next_token_loss
 
 
 @dataclass
@@ -245,9 +243,7 @@ class ComposedModel(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable (bridge) and frozen (base) parameter counts of what is held in memory."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return {"trainable": trainable, "frozen": total - trainable}
+        return parameter_counts(self)
 
     def bridge_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the trained weights, keyed ``bridges.<i>.<name>``."""
@@ -482,7 +478,7 @@ class ComposedModel(nn.Module):
             self._active = None
         if cache is not None:
             cache.seen += length
-        loss = causal_lm_loss(out.logits, labels) if labels is not None else None
+        loss = next_token_loss(out.logits, labels) if labels is not None else None
         return CompositionOutput(logits=out.logits, loss=loss, cache=cache)
 
     @torch.no_grad()
@@ -493,13 +489,11 @@ class ComposedModel(nn.Module):
         return generate(self, input_ids, attention_mask, **kwargs)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of next-token prediction over labels != -100 (computed in float32)."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable and frozen parameter counts of any module."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "frozen": total - trainable}
 
 
 def _spec_of(model: nn.Module) -> ModelSpec:

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from comm_cli.errors import DataError
+from comm_cli.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 PADDING_SIDES = ("left", "right")
 
 

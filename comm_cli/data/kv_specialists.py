@@ -41,13 +41,13 @@ import torch
 from comm_cli.data import kv_arithmetic as kv
 from comm_cli.data.char_tokenizer import build_char_tokenizer
 from comm_cli.errors import OutputDirError
+from comm_cli.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
 # Bump when the training recipe changes in a way the settings do not show, so that cached
 # specialists built by older code are rebuilt rather than reused.
 RECIPE_VERSION = 1
-IGNORE_INDEX = -100
 MANIFEST = "manifest.json"
 WORLD = "world.json"
 # The only entries a specialists directory holds; a directory with anything else is not ours to replace.
@@ -543,9 +543,10 @@ def _check_replaceable(out_dir: Path) -> None:
 def _install(tmp: Path, out_dir: Path, settings: SpecialistSettings, manifest: dict) -> SpecialistPaths:
     """Write the manifest last, then rename the finished build into place."""
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    if read_complete_manifest(out_dir, settings) is not None:
+    theirs = read_complete_manifest(out_dir, settings)
+    if theirs is not None:
         # Another process finished the same build first: keep theirs.
-        return _paths(out_dir, read_complete_manifest(out_dir, settings), built=True)
+        return _paths(out_dir, theirs, built=True)
     old = None
     if out_dir.exists():
         _check_replaceable(out_dir)

@@ -31,10 +31,10 @@ import datasets
 
 from comm_cli.data.loading import DataConfig, ensure_text_fields, text_fields
 from comm_cli.errors import DataError
+from comm_cli.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 COLUMNS = ("input_ids", "labels", "prompt_mask")
 _TRUNCATED = "_comm_truncated"
 _KEEP = "_comm_keep"

@@ -12,10 +12,10 @@ from torch import nn
 
 from comm_cli.compose import ComposedModel
 from comm_cli.compose.loading import load_causal_lm
-from comm_cli.compose.masks import positions_from_mask
 from comm_cli.compose.saving import read_composition_config
 from comm_cli.compose.specs import ModelSpec
 from comm_cli.errors import ConfigError, ModelLoadError
+from comm_cli.training.models import batch_logits
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +36,7 @@ class EvalModel:
         return next(self.model.parameters()).device
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if isinstance(self.model, ComposedModel):
-            return self.model(
-                batch["input_ids"],
-                batch["attention_mask"],
-                augment_attention_mask=batch["augment_attention_mask"],
-            ).logits
-        return self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=positions_from_mask(batch["attention_mask"]),
-        ).logits
+        return batch_logits(self.model, batch, composed=isinstance(self.model, ComposedModel))
 
     def generate(
         self, input_ids, attention_mask, generation, max_new_tokens, eos_token_id, pad_token_id, generator

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from comm_cli.cli import setup_logging
+from comm_cli.cli import reset_accelerate_state, setup_logging
 from comm_cli.compose import ComposedModel
 from comm_cli.errors import ConfigError
 from comm_cli.evaluation.models import load_eval_model
@@ -79,10 +79,7 @@ def evaluate(cfg, raw_config: dict) -> list[dict]:
     path = write_results(run_dir, rows, predictions, raw_config)
     log_to_tracker(accelerator, rows, predictions, cfg.sample_predictions)
     accelerator.end_training()
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
+    reset_accelerate_state()
     print(format_table(rows), flush=True)
     logger.info("results written to %s", path)
     return rows

@@ -12,16 +12,15 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from comm_cli.data.build import eval_rows
 from comm_cli.data.collate import CompletionCollator
 from comm_cli.data.tokenize import tokenize_split
 from comm_cli.evaluation import metrics as M
 from comm_cli.evaluation.models import EvalModel
+from comm_cli.losses import loss_token_count, next_token_loss
 
 logger = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -76,15 +75,8 @@ class TaskRunner:
         for start in range(0, len(tokenized), batch_size):
             batch = collate([tokenized[i] for i in range(start, min(start + batch_size, len(tokenized)))])
             batch = {k: v.to(self.model.device) for k, v in batch.items()}
-            logits = self.model.logits(batch)[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            total += F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            ).item()
-            tokens += int((labels != IGNORE_INDEX).sum())
+            total += next_token_loss(self.model.logits(batch), batch["labels"], reduction="sum").item()
+            tokens += int(loss_token_count(batch["labels"]))
         return total / max(tokens, 1)
 
     @torch.no_grad()

@@ -31,13 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from comm_cli.compose.loading import dtype_name, torch_dtype
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 OFFSETS = "offsets.npy"
+# numpy has no bfloat16: its states are stored as the raw 16-bit words and viewed back.
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
-_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_TORCH = {v: k for k, v in _NAMES.items()}
 
 
 def data_fingerprint(dataset, model, mask_mode: str, dtype: torch.dtype) -> str:
@@ -45,7 +46,7 @@ def data_fingerprint(dataset, model, mask_mode: str, dtype: torch.dtype) -> str:
     digest = hashlib.sha256()
     for spec in model.config.augments:
         digest.update(json.dumps([spec.model.name_or_path, spec.model.revision, spec.model.dtype]).encode())
-    digest.update(json.dumps([model._capture_layers, mask_mode, _NAMES[dtype]]).encode())
+    digest.update(json.dumps([model._capture_layers, mask_mode, dtype_name(dtype)]).encode())
     for row in dataset:
         digest.update(np.asarray(row["input_ids"], dtype=np.int64).tobytes())
         if mask_mode == "prompt":
@@ -60,7 +61,7 @@ class AugmentStateCache:
     def __init__(self, directory: Path, manifest: dict):
         self.directory = Path(directory)
         self.manifest = manifest
-        self.dtype = _TORCH[manifest["dtype"]]
+        self.dtype = torch_dtype(manifest["dtype"])
         self.offsets = np.load(self.directory / OFFSETS)
         self.layers = [tuple(x) for x in manifest["layers"]]  # (augment, layer, width)
         self.shard_starts = [s["start"] for s in manifest["shards"]]
@@ -173,7 +174,7 @@ def build_cache(
     np.save(tmp / OFFSETS, np.asarray(offsets, dtype=np.int64))
     manifest = {
         "fingerprint": fingerprint,
-        "dtype": _NAMES[dtype],
+        "dtype": dtype_name(dtype),
         "layers": [list(x) for x in layers],
         "shards": shards,
         "examples": len(dataset),

@@ -102,8 +102,9 @@ def run_contents(run_dir: Path) -> list[str]:
     found = []
     if (run_dir / RUN_CONFIG).is_file():
         found.append(RUN_CONFIG)
-    if complete_checkpoints(run_dir):
-        found.append(f"{len(complete_checkpoints(run_dir))} checkpoint(s)")
+    checkpoints = complete_checkpoints(run_dir)
+    if checkpoints:
+        found.append(f"{len(checkpoints)} checkpoint(s)")
     found += [name for name in FINAL_DIRS.values() if (run_dir / name).exists()]
     return found
 
@@ -128,8 +129,9 @@ def resolve_resume(run_dir: Path, resume: str | None, overwrite: bool) -> Path |
         return latest_checkpoint(run_dir)
     path = Path(resume).expanduser()
     if not path.is_dir() or not (path / TRAINER_STATE).is_file():
-        if (path / CHECKPOINTS).is_dir() and latest_checkpoint(path) is not None:
-            return latest_checkpoint(path)
+        newest = latest_checkpoint(path)  # a run directory: its newest checkpoint
+        if newest is not None:
+            return newest
         raise OutputDirError(
             f"resume={resume} is not a complete checkpoint directory (no {TRAINER_STATE}): give a "
             f"{CHECKPOINTS}/step_N directory of a run, a run directory, or resume=auto"

@@ -15,6 +15,7 @@ from comm_cli.compose import ComposedModel, CompositionConfig, check_config
 from comm_cli.compose.blocks import hidden_size
 from comm_cli.compose.bridge import bridge_parameter_count
 from comm_cli.compose.loading import load_causal_lm, load_model_config
+from comm_cli.compose.masks import positions_from_mask
 from comm_cli.compose.specs import AugmentSpec, ModelSpec
 from comm_cli.errors import ConfigError, ModelLoadError, TokenizerMismatchError
 
@@ -56,17 +57,15 @@ def _declares_generic_tokenizer(name_or_path: str) -> bool:
 def load_tokenizer(name_or_path: str, spec: ModelSpec | None = None, what: str = "tokenizer"):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if _declares_generic_tokenizer(name_or_path):
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name_or_path,
-            revision=spec.revision if spec else None,
-            trust_remote_code=spec.trust_remote_code if spec else False,
-        )
+        if _declares_generic_tokenizer(name_or_path):
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(
+                name_or_path,
+                revision=spec.revision if spec else None,
+                trust_remote_code=spec.trust_remote_code if spec else False,
+            )
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"cannot load the {what} from '{name_or_path}' ({str(err).splitlines()[0]}): "
@@ -184,10 +183,22 @@ def build_model(cfg, device=None) -> nn.Module:
     raise ConfigError(f"method.name '{name}' is not one of calm, lora, full")
 
 
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable": trainable, "frozen": total - trainable}
+def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor], composed: bool) -> torch.Tensor:
+    """Teacher-forced logits of a collated batch, for a composition (``composed``, possibly
+    wrapped by Accelerate) or a plain causal LM. Positions count only real tokens, so a padded
+    row scores as it would alone."""
+    if composed:
+        return model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            augment_attention_mask=batch["augment_attention_mask"],
+            augment_states=batch.get("augment_states"),
+        ).logits
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=positions_from_mask(batch["attention_mask"]),
+    ).logits
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -22,22 +22,26 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from comm_cli.compose import ComposedModel
-from comm_cli.compose.masks import positions_from_mask
+from comm_cli.compose.composed import parameter_counts
 from comm_cli.data.build import raw_splits, tokenized_splits
 from comm_cli.data.collate import CompletionCollator
 from comm_cli.errors import ConfigError, NonFiniteLossError
+from comm_cli.losses import loss_token_count, next_token_loss
 from comm_cli.training import checkpoint as ckpt
-from comm_cli.training.models import build_model, check_tokenizers, load_tokenizer, parameter_counts
+from comm_cli.training.models import (
+    batch_logits,
+    build_model,
+    check_tokenizers,
+    load_tokenizer,
+)
 from comm_cli.training.optim import build_optimizer, build_scheduler
-from comm_cli.training.trackers import log_with, start_trackers
+from comm_cli.training.trackers import flat_config, log_with, start_trackers
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 # Fault injection for the crash tests: SIGKILL this process right after step N's optimizer step
 # (COMM_FAULT_KILL_AT_STEP=N) or half-way through writing step N's checkpoint
 # (COMM_FAULT_KILL_IN_SAVE=N).
@@ -140,13 +144,12 @@ class TrainRecipe:
             logger.info("resuming from %s", self.resume_from)
 
     def _warn_config_changes(self, config_path: Path) -> None:
-        old = OmegaConf.to_container(OmegaConf.load(config_path))
-        new = self.raw_config
+        old = flat_config(OmegaConf.to_container(OmegaConf.load(config_path)))
+        new = flat_config(self.raw_config)
         changed = sorted(
             key
-            for key in set(_flatten(old)) | set(_flatten(new))
-            if _flatten(old).get(key) != _flatten(new).get(key)
-            and not key.startswith(("resume", "overwrite"))
+            for key in set(old) | set(new)
+            if old.get(key) != new.get(key) and not key.startswith(("resume", "overwrite"))
         )
         if changed:
             logger.warning("resuming with a changed config: %s", ", ".join(changed[:12]))
@@ -364,34 +367,9 @@ class TrainRecipe:
 
     # ------------------------------------------------------------------ training
 
-    def _forward_logits(self, batch) -> torch.Tensor:
-        if self.cfg.method.name == "calm":
-            return self.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                augment_attention_mask=batch["augment_attention_mask"],
-                augment_states=batch.get("augment_states"),
-            ).logits
-        return self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=positions_from_mask(batch["attention_mask"]),
-        ).logits
-
-    @staticmethod
-    def _token_count(batch) -> torch.Tensor:
-        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-
     def _summed_loss(self, batch) -> torch.Tensor:
-        logits = self._forward_logits(batch)
-        shift_logits = logits[:, :-1, :].float()
-        shift_labels = batch["labels"][:, 1:]
-        return F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+        logits = batch_logits(self.model, batch, composed=self.cfg.method.name == "calm")
+        return next_token_loss(logits, batch["labels"], reduction="sum")
 
     def _micro_batches(self):
         """Yield (epoch, index in epoch, batch) forever, from the saved data position on."""
@@ -423,7 +401,7 @@ class TrainRecipe:
         metrics: dict = {}
         while self.state.step < self.total_steps:
             micro = [next(batches) for _ in range(accumulation)]
-            local_tokens = sum(self._token_count(b) for _, _, b in micro)
+            local_tokens = sum(loss_token_count(b["labels"]) for _, _, b in micro)
             global_tokens = acc.reduce(local_tokens.detach().clone().to(acc.device), reduction="sum").item()
             if global_tokens == 0:
                 raise ConfigError(
@@ -516,7 +494,7 @@ class TrainRecipe:
             if tcfg.eval_batches and index >= tcfg.eval_batches:
                 break
             total += self._summed_loss(batch)
-            tokens += self._token_count(batch)
+            tokens += loss_token_count(batch["labels"])
         total = acc.reduce(total, reduction="sum").item()
         tokens = acc.reduce(tokens, reduction="sum").item()
         self.model.train()
@@ -569,13 +547,3 @@ class TrainRecipe:
 
     def cleanup(self) -> None:
         self.accelerator.end_training()
-
-
-def _flatten(data, prefix: str = "") -> dict:
-    out = {}
-    if isinstance(data, dict):
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-        out[prefix.rstrip(".")] = data
-    return out
