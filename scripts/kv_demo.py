@@ -315,10 +315,10 @@ def main() -> None:
         "threads_per_worker": args.threads,
         "fast": args.fast,
     }
+    from comm_cli.atomic import atomic_write_text
+
     path = root / "table.json"
-    tmp = path.with_name(".table.json.tmp")
-    tmp.write_text(json.dumps(table, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(table, indent=2) + "\n")
     print()
     print(format_table(rows))
     off = table["calm_bridges_off"].get("numeric_arithmetic")

@@ -137,6 +137,13 @@ def run_in_process(main, program: str, args: list[str]) -> int:
         GlobalHydra.instance().clear()
 
 
+def run_train(args: list[str]) -> int:
+    """``comm-train`` with these command-line arguments, in this process; its exit status."""
+    from comm_cli.train import main as train_main
+
+    return run_in_process(train_main, "comm-train", args)
+
+
 def trainable_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

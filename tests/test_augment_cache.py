@@ -11,7 +11,6 @@ import torch
 
 from comm_cli.compose import BridgeConfig, ComposedModel, MappingSpec
 from comm_cli.data.collate import CompletionCollator
-from comm_cli.train import main as train_main
 from comm_cli.training.augment_cache import (
     AugmentStateCache,
     CachedStatesCollator,
@@ -19,7 +18,13 @@ from comm_cli.training.augment_cache import (
     data_fingerprint,
 )
 from tests.conftest import tiny_model
-from tests.helpers import base_args, build_workspace, max_abs_diff, run_in_process, trainable_weights
+from tests.helpers import (
+    base_args,
+    build_workspace,
+    max_abs_diff,
+    run_train,
+    trainable_weights,
+)
 
 
 def dataset(n=10, seed=0):
@@ -97,15 +102,8 @@ def test_training_with_cached_states_follows_the_same_curve(tmp_path_factory, tm
         "trainer.eval_every=null",
         "trainer.log_every=1",
     ]
-    assert run_in_process(train_main, "comm-train", base_args(ws, tmp_path, "live") + common) == 0
-    assert (
-        run_in_process(
-            train_main,
-            "comm-train",
-            base_args(ws, tmp_path, "cached") + common + ["trainer.cache_augment_states=true"],
-        )
-        == 0
-    )
+    assert run_train(base_args(ws, tmp_path, "live") + common) == 0
+    assert run_train(base_args(ws, tmp_path, "cached") + common + ["trainer.cache_augment_states=true"]) == 0
     assert (tmp_path / "cached" / "augment_cache" / "manifest.json").is_file()
 
     def losses(run):

@@ -10,8 +10,7 @@ import pytest
 
 from comm_cli.eval import main as eval_main
 from comm_cli.evaluation import metrics as M
-from comm_cli.train import main as train_main
-from tests.helpers import base_args, build_workspace, cli_env, run_in_process, wandb_history
+from tests.helpers import base_args, build_workspace, cli_env, run_in_process, run_train, wandb_history
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +19,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     ws = build_workspace(root / "ws")
     common = ["trainer.max_steps=4", "trainer.save_every=null", "trainer.eval_every=null"]
-    assert run_in_process(train_main, "comm-train", base_args(ws, root, "calm") + common) == 0
-    assert (
-        run_in_process(train_main, "comm-train", base_args(ws, root, "lora") + common + ["method=lora"]) == 0
-    )
-    assert (
-        run_in_process(train_main, "comm-train", base_args(ws, root, "full") + common + ["method=full"]) == 0
-    )
+    assert run_train(base_args(ws, root, "calm") + common) == 0
+    assert run_train(base_args(ws, root, "lora") + common + ["method=lora"]) == 0
+    assert run_train(base_args(ws, root, "full") + common + ["method=full"]) == 0
     translation = root / "mt.jsonl"
     translation.write_text(
         "".join(json.dumps({"source": f"{i}+{i}=", "target": f"{2 * i} ok"}) + "\n" for i in range(6))

@@ -7,9 +7,14 @@ import pytest
 import torch
 
 from comm_cli.compose import BridgeConfig, ComposedModel, MappingSpec
-from comm_cli.train import main as train_main
 from tests.conftest import tiny_model
-from tests.helpers import base_args, build_workspace, max_abs_diff, run_in_process, trainable_weights
+from tests.helpers import (
+    base_args,
+    build_workspace,
+    max_abs_diff,
+    run_train,
+    trainable_weights,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +28,8 @@ def final(run_dir):
 
 def test_gradient_checkpointing_through_the_config_trains_the_same_bridges(ws, tmp_path):
     common = ["trainer.max_steps=4", "trainer.save_every=null", "trainer.eval_every=null"]
-    assert run_in_process(train_main, "comm-train", base_args(ws, tmp_path, "plain") + common) == 0
-    assert (
-        run_in_process(
-            train_main,
-            "comm-train",
-            base_args(ws, tmp_path, "ckpt") + common + ["trainer.gradient_checkpointing=true"],
-        )
-        == 0
-    )
+    assert run_train(base_args(ws, tmp_path, "plain") + common) == 0
+    assert run_train(base_args(ws, tmp_path, "ckpt") + common + ["trainer.gradient_checkpointing=true"]) == 0
     assert max_abs_diff(final(tmp_path / "plain"), final(tmp_path / "ckpt")) < 1e-6
 
 
@@ -42,7 +40,7 @@ def test_bf16_bases_with_fp32_bridges_through_the_config(ws, tmp_path):
         "trainer.max_steps=3",
         "trainer.save_every=null",
     ]
-    assert run_in_process(train_main, "comm-train", args) == 0
+    assert run_train(args) == 0
     weights = final(tmp_path / "bf16")
     assert all(t.dtype == torch.float32 for t in weights.values())
     import json
@@ -71,13 +69,6 @@ def test_compiled_bridges_give_the_eager_gradients():
 @pytest.mark.slow
 def test_compile_bridges_through_the_config(ws, tmp_path):
     common = ["trainer.max_steps=2", "trainer.save_every=null", "trainer.eval_every=null"]
-    assert run_in_process(train_main, "comm-train", base_args(ws, tmp_path, "eager") + common) == 0
-    assert (
-        run_in_process(
-            train_main,
-            "comm-train",
-            base_args(ws, tmp_path, "compiled") + common + ["trainer.compile_bridges=true"],
-        )
-        == 0
-    )
+    assert run_train(base_args(ws, tmp_path, "eager") + common) == 0
+    assert run_train(base_args(ws, tmp_path, "compiled") + common + ["trainer.compile_bridges=true"]) == 0
     assert max_abs_diff(final(tmp_path / "eager"), final(tmp_path / "compiled")) < 1e-5

@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from comm_cli.train import main as train_main
 from tests.helpers import (
     base_args,
     build_workspace,
     cli_env,
     max_abs_diff,
-    run_in_process,
     run_module,
+    run_train,
     trainable_weights,
     wandb_history,
 )
@@ -29,10 +28,6 @@ from tests.helpers import (
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     return build_workspace(tmp_path_factory.mktemp("workspace"))
-
-
-def train(args) -> int:
-    return run_in_process(train_main, "comm-train", args)
 
 
 def final_bridges(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -44,7 +39,7 @@ def final_bridges(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_training_writes_checkpoints_composition_and_wandb_offline(ws, tmp_path):
     args = base_args(ws, tmp_path) + ["logger=wandb", "logger.mode=auto"]
-    assert train(args) == 0
+    assert run_train(args) == 0
     run = tmp_path / "run"
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert checkpoints == ["step_00000008", "step_00000012"]  # keep_last=2 pruned step 4
@@ -90,7 +85,7 @@ def test_learning_happens(ws, tmp_path):
         "trainer.eval_every=null",
         "optimizer.lr=1e-2",
     ]
-    assert train(args) == 0
+    assert run_train(args) == 0
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     first_loss = None
     for line in (tmp_path / "run" / "train.log").read_text().splitlines():
@@ -101,17 +96,17 @@ def test_learning_happens(ws, tmp_path):
 
 
 def test_tensorboard_and_no_logger(ws, tmp_path):
-    assert train(base_args(ws, tmp_path, "tb") + ["logger=tensorboard", "trainer.max_steps=2"]) == 0
+    assert run_train(base_args(ws, tmp_path, "tb") + ["logger=tensorboard", "trainer.max_steps=2"]) == 0
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
-    assert train(base_args(ws, tmp_path, "quiet") + ["logger=none", "trainer.max_steps=2"]) == 0
+    assert run_train(base_args(ws, tmp_path, "quiet") + ["logger=none", "trainer.max_steps=2"]) == 0
     assert not (tmp_path / "quiet" / "wandb").exists()
 
 
 def test_gradient_accumulation_equals_a_bigger_batch(ws, tmp_path):
     common = ["trainer.max_steps=3", "trainer.save_every=null", "trainer.eval_every=null"]
-    assert train(base_args(ws, tmp_path, "big") + common + ["trainer.batch_size=4"]) == 0
+    assert run_train(base_args(ws, tmp_path, "big") + common + ["trainer.batch_size=4"]) == 0
     assert (
-        train(
+        run_train(
             base_args(ws, tmp_path, "acc")
             + common
             + ["trainer.batch_size=2", "trainer.gradient_accumulation_steps=2"]
@@ -176,16 +171,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(ws, tmp_path):
 
 
 def test_resume_from_an_explicit_checkpoint_path(ws, tmp_path):
-    assert train(base_args(ws, tmp_path, "src")) == 0
+    assert run_train(base_args(ws, tmp_path, "src")) == 0
     step4 = tmp_path / "src" / "checkpoints" / "step_00000008"
-    assert train(base_args(ws, tmp_path, "branch") + [f"resume={step4}"]) == 0
+    assert run_train(base_args(ws, tmp_path, "branch") + [f"resume={step4}"]) == 0
     assert max_abs_diff(final_bridges(tmp_path / "branch"), final_bridges(tmp_path / "src")) <= 1e-6
 
 
 def test_resume_of_a_finished_run_changes_nothing(ws, tmp_path):
-    assert train(base_args(ws, tmp_path, "done")) == 0
+    assert run_train(base_args(ws, tmp_path, "done")) == 0
     before = final_bridges(tmp_path / "done")
-    assert train(base_args(ws, tmp_path, "done") + ["resume=auto"]) == 0
+    assert run_train(base_args(ws, tmp_path, "done") + ["resume=auto"]) == 0
     assert max_abs_diff(final_bridges(tmp_path / "done"), before) == 0.0
 
 
@@ -246,9 +241,9 @@ def test_multirun_sweep(ws, tmp_path):
 
 
 def test_lora_baseline_matches_the_bridge_budget_and_saves_a_peft_adapter(ws, tmp_path):
-    assert train(base_args(ws, tmp_path, "calm") + ["trainer.max_steps=1"]) == 0
+    assert run_train(base_args(ws, tmp_path, "calm") + ["trainer.max_steps=1"]) == 0
     calm_params = sum(t.numel() for t in final_bridges(tmp_path / "calm").values())
-    assert train(base_args(ws, tmp_path, "lora") + ["method=lora", "trainer.max_steps=4"]) == 0
+    assert run_train(base_args(ws, tmp_path, "lora") + ["method=lora", "trainer.max_steps=4"]) == 0
     adapter = tmp_path / "lora" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     lora_params = sum(t.numel() for t in trainable_weights(adapter / "adapter_model.safetensors").values())
@@ -262,7 +257,7 @@ def test_lora_baseline_matches_the_bridge_budget_and_saves_a_peft_adapter(ws, tm
 
 
 def test_full_finetuning_baseline(ws, tmp_path):
-    assert train(base_args(ws, tmp_path, "full") + ["method=full", "trainer.max_steps=2"]) == 0
+    assert run_train(base_args(ws, tmp_path, "full") + ["method=full", "trainer.max_steps=2"]) == 0
     from transformers import AutoModelForCausalLM
 
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "model")
@@ -274,7 +269,7 @@ def test_full_finetuning_baseline(ws, tmp_path):
 
 
 def _error(capsys, args) -> str:
-    status = train(args)
+    status = run_train(args)
     captured = capsys.readouterr()
     assert status != 0
     return captured.err
@@ -327,7 +322,7 @@ def test_config_typos_and_wrong_types_fail_before_any_model_loads(ws, tmp_path):
 
 
 def test_a_run_directory_is_never_overwritten_by_another_run(ws, tmp_path, capsys):
-    assert train(base_args(ws, tmp_path, "mine") + ["trainer.max_steps=2"]) == 0
+    assert run_train(base_args(ws, tmp_path, "mine") + ["trainer.max_steps=2"]) == 0
     config_before = (tmp_path / "mine" / "run_config.yaml").read_bytes()
     weights_before = (tmp_path / "mine" / "composition" / "composition_model.safetensors").read_bytes()
     err = _error(capsys, base_args(ws, tmp_path, "mine") + ["optimizer.lr=1e-2"])
@@ -337,7 +332,7 @@ def test_a_run_directory_is_never_overwritten_by_another_run(ws, tmp_path, capsy
         tmp_path / "mine" / "composition" / "composition_model.safetensors"
     ).read_bytes() == weights_before
     assert (
-        train(
+        run_train(
             base_args(ws, tmp_path, "mine") + ["trainer.max_steps=2", "overwrite=true", "optimizer.lr=1e-2"]
         )
         == 0

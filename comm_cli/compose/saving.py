@@ -21,17 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import comm_cli
+from comm_cli.atomic import atomic_write_text
 from comm_cli.compose.specs import CompositionConfig
 from comm_cli.errors import ModelLoadError
 
 CONFIG_NAME = "composition_config.json"
 WEIGHTS_NAME = "composition_model.safetensors"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_composition(model, directory: str | Path) -> Path:

@@ -4,17 +4,12 @@ same metrics (plus a table of sample predictions) to the tracker."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from comm_cli.atomic import atomic_write_text
 
 RESULTS = "results.json"
 PREDICTIONS = "predictions.jsonl"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def result_rows(results, model: str, checkpoint: str | None, variant: str = "") -> list[dict]:
@@ -37,10 +32,12 @@ def result_rows(results, model: str, checkpoint: str | None, variant: str = "") 
 
 def write_results(run_dir: Path, rows: list[dict], predictions: list[dict], config: dict) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(
+    atomic_write_text(
         run_dir / RESULTS, json.dumps({"results": rows, "config": config}, indent=2, sort_keys=True) + "\n"
     )
-    _atomic_write(run_dir / PREDICTIONS, "".join(json.dumps(p, sort_keys=True) + "\n" for p in predictions))
+    atomic_write_text(
+        run_dir / PREDICTIONS, "".join(json.dumps(p, sort_keys=True) + "\n" for p in predictions)
+    )
     return run_dir / RESULTS
 
 

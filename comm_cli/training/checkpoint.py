@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from comm_cli.atomic import atomic_write_text
 from comm_cli.errors import OutputDirError
 
 logger = logging.getLogger(__name__)
@@ -49,9 +49,7 @@ class TrainerState:
     last_loss: float | None = None
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> TrainerState:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from comm_cli.atomic import atomic_write_text
 from comm_cli.compose import ComposedModel
 from comm_cli.compose.composed import parameter_counts
 from comm_cli.data.build import raw_splits, tokenized_splits
@@ -132,9 +133,7 @@ class TrainRecipe:
             config_path = self.run_dir / ckpt.RUN_CONFIG
             if self.resume_from is not None and config_path.is_file():
                 self._warn_config_changes(config_path)
-            tmp = config_path.with_name(f".{ckpt.RUN_CONFIG}.tmp")
-            tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(self.raw_config)))
-            os.replace(tmp, config_path)
+            atomic_write_text(config_path, OmegaConf.to_yaml(OmegaConf.create(self.raw_config)))
         acc.wait_for_everyone()
         from comm_cli.cli import setup_logging
 
@@ -540,10 +539,7 @@ class TrainRecipe:
             "metrics": metrics,
             "wandb_run_id": self.state.wandb_run_id,
         }
-        path = self.run_dir / ckpt.SUMMARY
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(self.run_dir / ckpt.SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
     def cleanup(self) -> None:
         self.accelerator.end_training()
