@@ -24,10 +24,10 @@ register_schemas()
 def run(cfg: DictConfig) -> list[dict]:
     """Evaluate from a composed config (also what tests and the demo call)."""
     from comm_cli.evaluation.recipe import evaluate
-    from comm_cli.training.kv_setup import prepare_kv_specialists
+    from comm_cli.experiments import prepare
 
     typed = OmegaConf.to_object(cfg)
-    prepare_kv_specialists(typed)
+    prepare(typed)
     return evaluate(typed, OmegaConf.to_container(cfg, resolve=True))
 
 

@@ -3,7 +3,8 @@
 Hydra merges every YAML file and command-line override onto these dataclasses, so an unknown
 key or a value of the wrong type is rejected with the key's full name before any model loads.
 The composition's own pieces (ModelSpec, MappingSpec, BridgeConfig) and the data config are the
-same dataclasses the library uses, so the schema cannot drift from the code.
+same dataclasses the library uses, so the schema cannot drift from the code. Each built-in
+experiment's own sections (``kv``, ``data.kv``) come from its package under ``comm_cli.experiments``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from comm_cli.compose.specs import BridgeConfig, MappingSpec, ModelSpec
-from comm_cli.data.kv_specialists import SpecialistSettings
 from comm_cli.data.loading import DataConfig
+from comm_cli.experiments.kv_arithmetic.config import KVSpecialistsConfig, KVTaskConfig
+from comm_cli.experiments.kv_arithmetic.specialists import SpecialistSettings
 
 METHODS = ("calm", "lora", "full")
 
@@ -28,35 +30,11 @@ class AugmentEntry:
 
 
 @dataclass
-class KVTaskConfig:
-    """The synthetic key-value arithmetic task (paper section 4.1), generated in memory.
-
-    The keys, values and split come from the specialists' ``world.json`` (``kv.dir``)."""
-
-    task: str = "kv_arithmetic"  # arithmetic | lookup | kv_arithmetic | kv_substitution | kv_prefixed
-    key_split: str = "composition"  # the keys drawn from: composition | heldout | all
-    # Training only: this fraction of examples is plain numeric arithmetic, so the bridges learn
-    # to leave the anchor's own skill alone where there is no key.
-    arithmetic_fraction: float = 0.0
-    train_examples: int = 96000
-    validation_examples: int = 512
-    eval_examples: int = 500  # examples of an evaluation task (lookup: every key of the split, up to this)
-
-
-@dataclass
 class DataSchema(DataConfig):
-    # When set, the data are generated in memory instead of read with `datasets.load_dataset`.
+    # When set, the data are generated in memory by this experiment's generator (comm_cli.data.build)
+    # instead of read with `datasets.load_dataset`.
     synthetic: str | None = None
     kv: KVTaskConfig = field(default_factory=KVTaskConfig)
-
-
-@dataclass
-class KVSpecialistsConfig:
-    """Where the key-value experiment's two specialists are cached, and how they are built."""
-
-    dir: str = MISSING
-    build: bool = True  # build them on first use when missing
-    specialists: SpecialistSettings = field(default_factory=SpecialistSettings)
 
 
 @dataclass
@@ -170,7 +148,7 @@ class EvalTask:
     # loss (+ perplexity, teacher-forced) | exact_match (generation) | chrf (chrF++) | bleu
     metrics: list[str] = field(default_factory=lambda: ["loss"])
     # how an answer is read from a generation and its reference:
-    # full | first_number | last_number | regex | kv_answer | kv_substitution
+    # full | first_number | last_number | regex | package.module:function (an experiment's own reader)
     extract: str = "full"
     regex: str | None = None  # extract=regex: the first group (or the whole match)
     max_examples: int | None = None

@@ -42,11 +42,11 @@ register_schemas()
 
 def run(cfg: DictConfig) -> dict:
     """Train from a composed config (also what tests call)."""
-    from comm_cli.training.kv_setup import prepare_kv_specialists
+    from comm_cli.experiments import prepare
     from comm_cli.training.recipe import TrainRecipe
 
     typed = to_typed(cfg)
-    prepare_kv_specialists(typed)
+    prepare(typed)
     raw = OmegaConf.to_container(cfg, resolve=True)
     recipe = TrainRecipe(typed, raw)
     try:

@@ -17,8 +17,8 @@ if __package__ in (None, "") and not any(Path(p, "comm_cli").is_dir() for p in s
     # Run as a file from a checkout without the package installed: import it from the checkout.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from comm_cli.data.kv_specialists import SpecialistSettings, ensure_specialists
 from comm_cli.errors import CommError
+from comm_cli.experiments.kv_arithmetic.specialists import SpecialistSettings, ensure_specialists
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -152,11 +152,13 @@ def test_translation_metrics_and_sampling(trained):
 def test_extractors():
     assert M.extractor("first_number")("x 12 and -3") == "12"
     assert M.extractor("last_number")("x 12 and -3") == "-3"
-    assert M.extractor("kv_answer")("4+7-3=8") == "8"
-    assert M.extractor("kv_substitution")("4+7-3=8") == "4+7-3"
+    assert M.extractor("comm_cli.experiments.kv_arithmetic.tasks:answer")("4+7-3=8") == "8"
+    assert M.extractor("comm_cli.experiments.kv_arithmetic.tasks:substitution")("4+7-3=8") == "4+7-3"
     assert M.extractor("regex", r"answer: (\w+)")("the answer: yes.") == "yes"
     assert M.extractor("full")("  hi \n") == "hi"
-    assert M.exact_match(["4+1=5", "4+2=7"], ["4+1=5", "4+2=6"], M.extractor("kv_answer")) == [True, False]
+    assert M.exact_match(
+        ["4+1=5", "4+2=7"], ["4+1=5", "4+2=6"], M.extractor("comm_cli.experiments.kv_arithmetic.tasks:answer")
+    ) == [True, False]
 
 
 def test_eval_errors_are_one_line(trained, tmp_path):

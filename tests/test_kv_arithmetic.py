@@ -9,9 +9,9 @@ import string
 
 import pytest
 
-from comm_cli.data import kv_arithmetic as kv
 from comm_cli.data.char_tokenizer import CHARACTERS, build_char_tokenizer
 from comm_cli.errors import DataError
+from comm_cli.experiments.kv_arithmetic import tasks as kv
 
 
 @pytest.fixture(scope="module")

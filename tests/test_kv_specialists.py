@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comm_cli.data import kv_arithmetic as kv
-from comm_cli.data import kv_specialists as ks
 from comm_cli.data.char_tokenizer import build_char_tokenizer
 from comm_cli.errors import OutputDirError
+from comm_cli.experiments.kv_arithmetic import specialists as ks
+from comm_cli.experiments.kv_arithmetic import tasks as kv
 
 
 def tiny(seed: int = 0) -> ks.SpecialistSettings:

@@ -1,91 +1,67 @@
 """From a data config to tokenised train/validation splits, for comm-train and comm-eval.
 
-Real datasets go through ``datasets.load_dataset`` (``loading.py``); the key-value arithmetic
-task is generated in memory from the specialists' world (their keys, values and split), so the
-composition trains only on the composition keys.
+Real datasets go through ``datasets.load_dataset`` (``loading.py``). A synthetic task
+(``data.synthetic=NAME``) is generated in memory by a generator module: ``NAME`` is an
+experiment package under ``comm_cli.experiments`` (its ``data`` module, e.g. ``kv_arithmetic``)
+or the dotted path of any importable module. That module provides
+
+    raw_splits(data_cfg, cfg, seed) -> DatasetDict   "train" (and "validation") rows
+    eval_rows(data_cfg, cfg, seed) -> Dataset         the rows an evaluation task scores
+
+where ``cfg`` is the whole typed config (an experiment reads its own section, e.g. ``kv.dir``).
+The core never imports an experiment by name; it looks the module up from the config.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-from pathlib import Path
 
 import datasets
 
-from comm_cli.data import kv_arithmetic as kv
 from comm_cli.data.loading import load_splits
 from comm_cli.data.tokenize import tokenize_split
 from comm_cli.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC = ("kv_arithmetic",)
 
-
-def load_world(kv_dir: str | Path) -> kv.KVWorld:
-    path = Path(kv_dir) / "world.json"
-    if not path.is_file():
+def synthetic_source(name: str):
+    """The generator module behind ``data.synthetic=name``."""
+    candidates = [f"comm_cli.experiments.{name}.data", name] if "." not in name else [name]
+    for module_name in candidates:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and module_name.startswith(err.name):
+                continue  # this candidate does not exist; a missing import *inside* it is re-raised
+            raise
+        if hasattr(module, "raw_splits") and hasattr(module, "eval_rows"):
+            return module
         raise DataError(
-            f"the key-value world {path} does not exist: build the specialists first (kv.build=true)"
+            f"data.synthetic={name}: module {module_name} has no raw_splits/eval_rows; point it at a "
+            "generator module"
         )
-    return kv.KVWorld.load(path)
+    raise DataError(
+        f"data.synthetic={name} names no experiment package in comm_cli.experiments and no importable "
+        "module: use e.g. kv_arithmetic, or the dotted path of your generator module"
+    )
 
 
-def kv_split(task: str, n: int, seed: int, world: kv.KVWorld, key_split: str) -> datasets.Dataset:
-    if task == "lookup" and n >= len(world.split_keys(key_split)):
-        rows = kv.lookup_all(world, key_split)  # every key once
-    else:
-        rows = kv.sample_examples(task, n, seed, world=world, split=key_split)
-    return datasets.Dataset.from_list(rows)
-
-
-def _synthetic_world(data_cfg, kv_dir):
-    if data_cfg.synthetic not in SYNTHETIC:
-        raise DataError(f"data.synthetic '{data_cfg.synthetic}' is not one of {list(SYNTHETIC)}")
-    if kv_dir is None:
-        raise DataError("the key-value task needs kv.dir (where the specialists and their world.json live)")
-    return load_world(kv_dir)
-
-
-def raw_splits(data_cfg, kv_dir: str | Path | None = None, seed: int = 0) -> datasets.DatasetDict:
+def raw_splits(data_cfg, cfg=None, seed: int = 0) -> datasets.DatasetDict:
     """Untokenised "train" (and "validation" when there is one) rows."""
     if data_cfg.synthetic is None:
         return load_splits(data_cfg)
-    world = _synthetic_world(data_cfg, kv_dir)
-    splits = {"train": _mixed_split(data_cfg.kv, data_cfg.kv.train_examples, seed, world)}
-    if data_cfg.kv.validation_examples:
-        # A different seed: fresh expressions over the same keys.
-        splits["validation"] = _mixed_split(
-            data_cfg.kv, data_cfg.kv.validation_examples, seed + 1_000_003, world
-        )
-    return datasets.DatasetDict(splits)
+    return synthetic_source(data_cfg.synthetic).raw_splits(data_cfg, cfg, seed)
 
 
-def _mixed_split(kv_cfg, n: int, seed: int, world: kv.KVWorld) -> datasets.Dataset:
-    """``n`` examples of the task, of which ``arithmetic_fraction`` are plain numeric arithmetic."""
-    fraction = kv_cfg.arithmetic_fraction
-    if not 0.0 <= fraction < 1.0:
-        raise DataError(f"data.kv.arithmetic_fraction must be in [0, 1), got {fraction}")
-    n_arithmetic = round(fraction * n)
-    split = kv_split(kv_cfg.task, n - n_arithmetic, seed, world, kv_cfg.key_split)
-    if n_arithmetic:
-        arithmetic = kv_split("arithmetic", n_arithmetic, seed + 7, world, "all")
-        split = datasets.concatenate_datasets([split, arithmetic]).shuffle(seed=seed).flatten_indices()
-    return split
-
-
-def eval_rows(
-    data_cfg, kv_dir: str | Path | None = None, seed: int = 0, limit: int | None = None
-) -> datasets.Dataset:
-    """The rows an evaluation task scores: ``data.split`` of a real dataset, or
-    ``kv.eval_examples`` fresh examples of a synthetic task (a seed no training split uses)."""
+def eval_rows(data_cfg, cfg=None, seed: int = 0, limit: int | None = None) -> datasets.Dataset:
+    """The rows an evaluation task scores: ``data.split`` of a real dataset, or fresh examples
+    of a synthetic task."""
     if data_cfg.synthetic is None:
         rows = load_splits(data_cfg)["train"]
     else:
-        world = _synthetic_world(data_cfg, kv_dir)
-        rows = kv_split(
-            data_cfg.kv.task, data_cfg.kv.eval_examples, seed + 2_000_029, world, data_cfg.kv.key_split
-        )
+        rows = synthetic_source(data_cfg.synthetic).eval_rows(data_cfg, cfg, seed)
     if limit is not None and limit < len(rows):
         rows = rows.select(range(limit))
     return rows

@@ -1,20 +1,22 @@
 """Metrics: answer extraction, exact match, chrF++/BLEU (sacrebleu), loss and perplexity.
 
 Extraction is applied to both the generation and the reference, so "first_number" compares the
-numbers and "full" compares whitespace-stripped strings.
+numbers and "full" compares whitespace-stripped strings. An experiment brings its own reader as
+``extract: package.module:function`` (e.g. ``comm_cli.experiments.kv_arithmetic.tasks:answer``), a
+function text -> answer or None; the core knows no experiment by name.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from collections.abc import Callable, Sequence
 
-from comm_cli.data import kv_arithmetic as kv
 from comm_cli.errors import ConfigError
 
 METRICS = ("loss", "exact_match", "chrf", "bleu")
-EXTRACTORS = ("full", "first_number", "last_number", "regex", "kv_answer", "kv_substitution")
+EXTRACTORS = ("full", "first_number", "last_number", "regex", "module:function")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -26,10 +28,8 @@ def extractor(kind: str, pattern: str | None = None) -> Callable[[str], str | No
         return lambda text: m.group(0) if (m := _NUMBER.search(text)) else None
     if kind == "last_number":
         return lambda text: found[-1] if (found := _NUMBER.findall(text)) else None
-    if kind == "kv_answer":
-        return kv.answer
-    if kind == "kv_substitution":
-        return kv.substitution
+    if ":" in kind:
+        return _imported(kind)
     if kind == "regex":
         if not pattern:
             raise ConfigError("extract=regex needs a pattern: set tasks.<name>.regex='...'")
@@ -71,3 +71,17 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 def perplexity(mean_loss: float) -> float:
     return math.exp(min(mean_loss, 50.0))
+
+
+def _imported(path: str) -> Callable[[str], str | None]:
+    """``package.module:function``, imported (an experiment's own answer reader)."""
+    module_name, _, attr = path.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(
+            f"extract '{path}' cannot be imported ({err}): give package.module:function of a function text -> answer"
+        ) from err
+    if not callable(function):
+        raise ConfigError(f"extract '{path}' is not a function: give package.module:function")
+    return function

@@ -48,7 +48,7 @@ def evaluate(cfg, raw_config: dict) -> list[dict]:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_eval_model(cfg, device)
     tokenizer = load_tokenizer(cfg.tokenizer or model.tokenizer_source)
-    runner = TaskRunner(model, tokenizer, cfg.generation, cfg.kv.dir, cfg.seed)
+    runner = TaskRunner(model, tokenizer, cfg.generation, cfg, cfg.seed)
 
     variants = [("", None)]
     if cfg.bridges_off:

@@ -51,12 +51,13 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 
 
 class TaskRunner:
-    def __init__(self, model: EvalModel, tokenizer, generation_cfg, kv_dir, seed: int, progress: bool = True):
+    def __init__(self, model: EvalModel, tokenizer, generation_cfg, cfg, seed: int, progress: bool = True):
+        """``cfg``: the whole eval config, which a synthetic task's generator reads its section of."""
         self.model, self.tokenizer, self.generation = model, tokenizer, generation_cfg
-        self.kv_dir, self.seed, self.progress = kv_dir, seed, progress
+        self.cfg, self.seed, self.progress = cfg, seed, progress
 
     def run(self, name: str, task) -> TaskResult:
-        rows = eval_rows(task.data, self.kv_dir, self.seed, task.max_examples)
+        rows = eval_rows(task.data, self.cfg, self.seed, task.max_examples)
         result = TaskResult(task=name, metrics={}, n=len(rows))
         if "loss" in task.metrics:
             loss = self.loss(rows, task)

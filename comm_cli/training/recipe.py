@@ -170,7 +170,7 @@ class TrainRecipe:
         tokenizer_source = cfg.tokenizer or cfg.anchor.name_or_path
         self.tokenizer = load_tokenizer(tokenizer_source, cfg.anchor if cfg.tokenizer is None else None)
         with self.accelerator.main_process_first():
-            raw = raw_splits(cfg.data, cfg.kv.dir, seed=cfg.seed)
+            raw = raw_splits(cfg.data, cfg, seed=cfg.seed)
             if cfg.method.name == "calm":
                 sample_texts = [
                     raw["train"][i][f]

@@ -38,9 +38,10 @@ from pathlib import Path
 
 import torch
 
-from comm_cli.data import kv_arithmetic as kv
 from comm_cli.data.char_tokenizer import build_char_tokenizer
 from comm_cli.errors import OutputDirError
+from comm_cli.experiments.kv_arithmetic import tasks as kv
+from comm_cli.experiments.kv_arithmetic.world import KVWorld
 from comm_cli.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def read_complete_manifest(out_dir: str | Path, settings: SpecialistSettings) ->
 
 def _build_into(root: Path, settings: SpecialistSettings) -> dict:
     start = time.perf_counter()
-    world = kv.KVWorld.create(
+    world = KVWorld.create(
         seed=settings.seed,
         num_keys=settings.num_keys,
         key_length=settings.key_length,
@@ -249,7 +250,7 @@ def _build_into(root: Path, settings: SpecialistSettings) -> dict:
     }
 
 
-def _train_augment(world: kv.KVWorld, tokenizer, settings: SpecialistSettings):
+def _train_augment(world: KVWorld, tokenizer, settings: SpecialistSettings):
     s = settings.augment
     from transformers import Qwen2Config
 
@@ -279,7 +280,7 @@ def _train_augment(world: kv.KVWorld, tokenizer, settings: SpecialistSettings):
     )
 
 
-def _train_anchor(world: kv.KVWorld, tokenizer, settings: SpecialistSettings):
+def _train_anchor(world: KVWorld, tokenizer, settings: SpecialistSettings):
     s = settings.anchor
     from transformers import LlamaConfig
 
@@ -464,9 +465,7 @@ def accuracy(model, tokenizer, task: str, examples: Sequence[kv.Example], max_ne
 
 
 @torch.no_grad()
-def lookup_in_expression_accuracy(
-    model, tokenizer, world: kv.KVWorld, examples: Sequence[kv.Example]
-) -> float:
+def lookup_in_expression_accuracy(model, tokenizer, world: KVWorld, examples: Sequence[kv.Example]) -> float:
     """How often the augment's next-token guess on each key's last character is that key's value,
     reading kv_arithmetic prompts such as ``abc+xyz-def=``: the states the bridges will read."""
     correct = total = 0
@@ -483,7 +482,7 @@ def lookup_in_expression_accuracy(
     return correct / max(1, total)
 
 
-def evaluate_augment(model, tokenizer, world: kv.KVWorld, settings: SpecialistSettings) -> dict[str, float]:
+def evaluate_augment(model, tokenizer, world: KVWorld, settings: SpecialistSettings) -> dict[str, float]:
     """Key lookup over every key, and inside held-out kv_arithmetic prompts."""
     n = settings.eval_examples
     in_expr = kv.sample_examples(
@@ -496,7 +495,7 @@ def evaluate_augment(model, tokenizer, world: kv.KVWorld, settings: SpecialistSe
     }
 
 
-def evaluate_anchor(model, tokenizer, world: kv.KVWorld, settings: SpecialistSettings) -> dict[str, float]:
+def evaluate_anchor(model, tokenizer, world: KVWorld, settings: SpecialistSettings) -> dict[str, float]:
     """Arithmetic on clean and key-prefixed expressions, and the held-out kv task alone (should
     be near chance: the anchor never saw a value)."""
     n, seed = settings.eval_examples, derive_seed(settings.seed, "eval-anchor")

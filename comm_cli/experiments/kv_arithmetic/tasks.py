@@ -1,7 +1,7 @@
 """The synthetic key-value arithmetic task of CALM (Bansal et al. 2024, section 4.1).
 
 A seeded *world* maps random string keys to single-digit values. Two specialists are built
-from it (see ``kv_specialists``): the augmenting model memorises key -> value for every key,
+from it (see ``specialists``): the augmenting model memorises key -> value for every key,
 the anchor only learns arithmetic over digits and never sees a value. The composition is trained
 on expressions over the *composition* keys and evaluated on the *held-out* keys, whose values
 only the augmenting model knows.
@@ -27,19 +27,16 @@ in a fixed order, and ``sample_examples`` builds its own ``random.Random(seed)``
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 from comm_cli.errors import DataError
+from comm_cli.experiments.kv_arithmetic.world import KVWorld
 
 Example = dict[str, str]
 
-SPLITS = ("composition", "heldout", "all")
 TASKS = ("arithmetic", "lookup", "kv_arithmetic", "kv_substitution", "kv_prefixed")
 KEY_TASKS = ("lookup", "kv_arithmetic", "kv_substitution", "kv_prefixed")
 
@@ -51,105 +48,6 @@ PREFIX_CHARS = string.ascii_lowercase + "+-=; "
 PAIR_SEPARATORS = "; +-"
 
 _NUMBER = re.compile(r"-?\d+")
-
-
-@dataclass
-class KVWorld:
-    """A seeded key -> value mapping and its split into composition and held-out keys.
-
-    ``composition_keys`` and ``heldout_keys`` partition ``keys``; the composition is trained
-    on the first and evaluated on the second, so the split must never share a key.
-    """
-
-    seed: int
-    values: dict[str, int]
-    composition_keys: list[str]
-    heldout_keys: list[str]
-    key_length: int = 3
-    num_values: int = 10
-
-    @classmethod
-    def create(
-        cls,
-        seed: int = 0,
-        num_keys: int = 500,
-        key_length: int = 3,
-        num_values: int = 10,
-        composition_fraction: float = 0.2,
-    ) -> KVWorld:
-        """Draw ``num_keys`` distinct random lowercase keys with values in ``[0, num_values)``
-        and put ``round(composition_fraction * num_keys)`` of them in the composition split."""
-        if num_keys > 26**key_length:
-            raise DataError(
-                f"cannot draw {num_keys} distinct keys of length {key_length}: use longer keys or fewer keys"
-            )
-        num_composition = round(composition_fraction * num_keys)
-        if not 0 < num_composition < num_keys:
-            raise DataError(
-                f"composition_fraction={composition_fraction} leaves no composition or no held-out keys "
-                f"among {num_keys}: choose a fraction strictly between 0 and 1"
-            )
-        rng = random.Random(seed)
-        keys: list[str] = []
-        seen: set[str] = set()
-        while len(keys) < num_keys:
-            key = "".join(rng.choices(string.ascii_lowercase, k=key_length))
-            if key not in seen:
-                seen.add(key)
-                keys.append(key)
-        values = {key: rng.randrange(num_values) for key in keys}
-        order = keys[:]
-        rng.shuffle(order)
-        return cls(
-            seed=seed,
-            values=values,
-            composition_keys=sorted(order[:num_composition]),
-            heldout_keys=sorted(order[num_composition:]),
-            key_length=key_length,
-            num_values=num_values,
-        )
-
-    @property
-    def keys(self) -> list[str]:
-        return list(self.values)
-
-    def split_keys(self, split: str) -> list[str]:
-        """The keys of a split: "composition", "heldout" or "all"."""
-        if split == "composition":
-            return self.composition_keys
-        if split == "heldout":
-            return self.heldout_keys
-        if split == "all":
-            return self.keys
-        raise DataError(f"unknown key split '{split}': use one of {', '.join(SPLITS)}")
-
-    def to_dict(self) -> dict:
-        return {
-            "seed": self.seed,
-            "key_length": self.key_length,
-            "num_values": self.num_values,
-            "values": self.values,
-            "composition_keys": self.composition_keys,
-            "heldout_keys": self.heldout_keys,
-        }
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> KVWorld:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"key-value world file '{path}' does not exist: build the specialists first")
-        data = json.loads(path.read_text())
-        return cls(
-            seed=data["seed"],
-            values={k: int(v) for k, v in data["values"].items()},
-            composition_keys=list(data["composition_keys"]),
-            heldout_keys=list(data["heldout_keys"]),
-            key_length=data.get("key_length", 3),
-            num_values=data.get("num_values", 10),
-        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,10 +25,11 @@ def uses_kv_specialists(cfg) -> bool:
     return uses_data or any(str(name).startswith(kv_dir) for name in names)
 
 
-def prepare_kv_specialists(cfg) -> None:
+def prepare(cfg) -> None:
+    """Build the specialists when this config uses them and they are not cached yet."""
     if not uses_kv_specialists(cfg):
         return
-    from comm_cli.data.kv_specialists import ensure_specialists, read_complete_manifest
+    from comm_cli.experiments.kv_arithmetic.specialists import ensure_specialists, read_complete_manifest
 
     kv_dir = Path(cfg.kv.dir).expanduser()
     settings = cfg.kv.specialists
@@ -72,7 +73,7 @@ def _complete_build_hash(kv_dir: Path) -> str | None:
 def _wait_for(kv_dir: Path, settings, timeout_s: float = 3600.0) -> None:
     import time
 
-    from comm_cli.data.kv_specialists import read_complete_manifest
+    from comm_cli.experiments.kv_arithmetic.specialists import read_complete_manifest
 
     start = time.time()
     while read_complete_manifest(kv_dir, settings) is None:
