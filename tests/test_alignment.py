@@ -16,7 +16,7 @@ from comm_cli.compose.alignment import (
 )
 from tests import tokenizer_zoo as zoo
 
-KINDS = (*zoo.KINDS, "gpt2_bpe")
+KINDS = (*zoo.KINDS, "gpt2_bpe", "sentencepiece_bpe")
 
 
 def _texts(n: int, seed: int = 1) -> list[str]:
@@ -115,6 +115,12 @@ def test_a_tokenizer_without_character_spans_or_rule_is_refused():
 
     with pytest.raises(TokenizerAlignmentError, match="not a fast tokenizer"):
         TokenReader(Slow(), "augment 0 (/models/slow)")
+
+
+def test_each_kind_gets_its_rule():
+    rules = {kind: TokenReader(zoo.build(kind), kind).rule for kind in KINDS}
+    assert rules["char"] == "characters" and rules["sentencepiece_bpe"] == "word_boundary"
+    assert {rules[k] for k in ("byte_bpe", "gpt2_bpe", "wordpiece", "unigram")} == {"pre_tokens"}
 
 
 def test_the_path_is_decided_by_comparing_the_tokenizers():

@@ -20,7 +20,7 @@ from comm_cli.errors import ConfigError
 from tests import tokenizer_zoo as zoo
 from tests.conftest import tiny_model
 
-AUGMENT_KINDS = ("unigram", "wordpiece", "gpt2_bpe", "char")
+AUGMENT_KINDS = ("unigram", "wordpiece", "gpt2_bpe", "sentencepiece_bpe", "char")
 DATA = Path(__file__).parent / "data"
 
 
@@ -141,6 +141,21 @@ def test_cached_generation_equals_an_uncached_forward_over_the_final_text(mask_m
     prompts = ["hello world, it's", "x"]
     b = batch(model, prompts, side="left")
     kwargs = dict(max_new_tokens=10, eos_token_id=None, return_dict=True, output_scores=True, prompts=prompts)
+    cached = model.generate(b["input_ids"], b["attention_mask"], **kwargs)
+    uncached = model.generate(b["input_ids"], b["attention_mask"], use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, c in zip(cached.scores, uncached.scores):
+        torch.testing.assert_close(a, c, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("anchor_kind", ["sentencepiece_bpe", "char"])
+def test_other_anchor_tokenizers_generate_as_they_score(anchor_kind):
+    """A Llama-2-style anchor tokenizer (Prepend/Replace normaliser, byte fallback) and the
+    character tokenizer: cached generation equals the uncached forward."""
+    model = build(anchor_kind=anchor_kind, augment_kinds=("byte_bpe",))
+    prompts = ["hello world", "abc"]
+    b = batch(model, prompts, side="left")
+    kwargs = dict(max_new_tokens=8, eos_token_id=None, return_dict=True, output_scores=True, prompts=prompts)
     cached = model.generate(b["input_ids"], b["attention_mask"], **kwargs)
     uncached = model.generate(b["input_ids"], b["attention_mask"], use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)

@@ -137,6 +137,38 @@ def unigram(vocab_size: int = 300):
     return _wrap(backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+@functools.cache
+def sentencepiece_bpe(vocab_size: int = 400):
+    """Llama-2 / Gemma style: no pre-tokenizer, spaces normalised to "▁" (prepended once), BPE
+    whose merges never cross a "▁" (trained word by word, as SentencePiece does)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    trainer_side = Tokenizer(models.BPE(byte_fallback=True))
+    trainer_side.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer_side.train_from_iterator(
+        corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    data = json.loads(trainer_side.to_str())
+    vocab = data["model"]["vocab"]
+    for byte in range(256):  # byte-fallback pieces, as in Llama-2's vocabulary
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    data["pre_tokenizer"] = None
+    data["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        ],
+    }
+    backend = Tokenizer.from_str(json.dumps(data))
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return _wrap(backend, pad_token="<unk>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def char():
     from comm_cli.data.char_tokenizer import build_char_tokenizer
 
@@ -144,10 +176,12 @@ def char():
 
 
 def build(kind: str):
-    return {
+    builders = {
         "byte_bpe": byte_bpe,
         "wordpiece": wordpiece,
         "unigram": unigram,
         "char": char,
         "gpt2_bpe": gpt2_bpe,
-    }[kind]()
+        "sentencepiece_bpe": sentencepiece_bpe,
+    }
+    return builders[kind]()
