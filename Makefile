@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint format clean demo demo-seeds bench
+.PHONY: install test test-fast lint format clean demo demo-seeds demo-cross demo-encoder bench
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,13 @@ demo: install
 # The same table over 3 specialist seeds x 2 CALM seeds: mean, minimum and spread.
 demo-seeds: install
 	$(BIN)/python scripts/kv_seeds.py $(DEMO_ARGS)
+
+# The key-value table across tokenizers (BPE anchor, character augment) and with an encoder augment.
+demo-cross: install
+	$(BIN)/python scripts/kv_demo.py --experiment kv_arithmetic_cross_tokenizer --output-root outputs/kv_demo_cross $(DEMO_ARGS)
+
+demo-encoder: install
+	$(BIN)/python scripts/kv_demo.py --experiment kv_arithmetic_encoder --output-root outputs/kv_demo_encoder $(DEMO_ARGS)
 
 # comm against its cost lower bound; prints ratios and writes bench.json.
 bench: install

@@ -71,7 +71,8 @@ def summarise(tables: dict[int, dict], manifests: dict[int, dict]) -> dict:
                 }
             )
         for name in CONTROLS:
-            controls[name].append({"specialist_seed": spec_seed, HELDOUT: by_system[name][HELDOUT]})
+            if by_system[name][HELDOUT] is not None:  # None: an encoder augment writes no text
+                controls[name].append({"specialist_seed": spec_seed, HELDOUT: by_system[name][HELDOUT]})
         manifest = manifests[spec_seed]
         specialists.append(
             {
@@ -87,7 +88,9 @@ def summarise(tables: dict[int, dict], manifests: dict[int, dict]) -> dict:
         "runs": runs,
         "calm_heldout": stats([r[HELDOUT] for r in runs]),
         "controls": {
-            name: {"runs": rows, **stats([r[HELDOUT] for r in rows])} for name, rows in controls.items()
+            name: {"runs": rows, **stats([r[HELDOUT] for r in rows])}
+            for name, rows in controls.items()
+            if rows
         },
         "anchor_skill_max_abs_change": max(skill_gaps),
         "specialists": specialists,
@@ -145,6 +148,7 @@ def main() -> None:
         table = KVTable(
             root=root / f"specialists_seed{spec_seed}",
             kv_dir=kv_dir,
+            augment_generates=manifests[spec_seed]["settings"]["augment"].get("kind", "causal") != "encoder",
             calm_seeds=calm_seeds,
             lora_lrs=tuple(args.lora_lrs.split(",")),
             lora_steps=args.lora_steps,
