@@ -152,23 +152,32 @@ FILES = [
 
 @pytest.mark.parametrize("damage", [_truncate, _corrupt], ids=["truncated", "corrupt"])
 @pytest.mark.parametrize("name", FILES)
-def test_resume_auto_skips_a_damaged_newest_checkpoint(ws, whole, tmp_path, capsys, name, damage):
+def test_a_damaged_checkpoint_file_is_named_in_one_line(ws, whole, tmp_path, capsys, name, damage):
     run = tmp_path / "whole"
-    shutil.copytree(whole, run)
-    shutil.rmtree(run / "composition")
+    shutil.copytree(whole / "checkpoints", run / "checkpoints")
     newest = run / "checkpoints" / "step_00000012"
     damage(newest / name)
     problem = verify_checkpoint(newest)
-    assert problem is not None and name in problem
-
-    # naming the broken checkpoint itself: one line, exit 2, nothing loaded or written
+    assert problem is not None and problem.startswith(name)
+    assert verify_checkpoint(run / "checkpoints" / "step_00000008") is None
+    # naming the broken checkpoint: one line, exit 2, nothing loaded or written
     assert run_train(base_args(ws, tmp_path, "other") + [f"resume={newest}"]) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and f"checkpoint {newest} is broken: {name}" in lines[0]
     assert nothing_written(tmp_path / "other")
 
-    # resume=auto says which file failed and why, and continues from the previous checkpoint
+
+@pytest.mark.parametrize(
+    "name, damage",
+    [("trainable.safetensors", _truncate), ("optimizer.bin", _corrupt), ("trainer_state.json", _corrupt)],
+)
+def test_resume_auto_skips_a_damaged_newest_checkpoint(ws, whole, tmp_path, name, damage):
+    run = tmp_path / "whole"
+    shutil.copytree(whole, run)
+    shutil.rmtree(run / "composition")
+    damage(run / "checkpoints" / "step_00000012" / name)
     assert run_train(base_args(ws, tmp_path, "whole") + ["trainer.keep_last=0", "resume=auto"]) == 0
+    # one line says which file failed and why, and training continues from the previous one
     log = (run / "train.log").read_text()
     assert f"skipping checkpoint step_00000012: {name}" in log
     assert "resumed at step 8" in log
