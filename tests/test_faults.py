@@ -73,6 +73,25 @@ def test_a_failed_start_does_not_block_the_fixed_rerun(ws, tmp_path, capsys):
     assert (tmp_path / "fix" / "composition").is_dir()
 
 
+def test_a_second_start_in_a_directory_in_use_is_refused(ws, tmp_path, capsys):
+    """Before the first checkpoint a run directory holds no work yet; the lock still keeps a
+    second comm-train out of it while the first runs."""
+    import fcntl
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    with open(run / ".lock", "a+") as held:  # what a running comm-train holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere\n")
+        held.flush()
+        assert run_train(base_args(ws, tmp_path, "busy") + ["trainer.max_steps=2"]) == 2
+        lines = error_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and "is in use by a running comm-train (pid 4242 on elsewhere)" in lines[0]
+        assert not (run / "run_config.yaml").exists()
+    # released (as when that process ends, however it ends): the run starts
+    assert run_train(base_args(ws, tmp_path, "busy") + ["trainer.max_steps=2"]) == 0
+
+
 # ---------------------------------------------------------------------------------------------- stop signals
 
 

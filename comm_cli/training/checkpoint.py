@@ -18,7 +18,9 @@ and why); ``resume=PATH`` naming a broken one fails in one line.
 
 A directory that already holds a run (a checkpoint or a final save) is never overwritten unless
 asked (``overwrite=true``). A start that failed before saving anything holds no run: running the
-fixed command again just starts.
+fixed command again just starts. While a run is going, its main process holds a lock on
+``<run dir>/.lock`` (released by the kernel when the process ends, however it ends), so a second
+start in the same directory is refused even before the first has saved anything.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from comm_cli.errors import CheckpointError, OutputDirError
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.yaml"
+LOCK = ".lock"
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE_WEIGHTS = "trainable.safetensors"
@@ -185,6 +188,32 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
         return
     for path in complete_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def lock_run_dir(run_dir: Path):
+    """Take the run directory's lock for this process; returns the open lock file (closing it
+    releases the lock). Raises OutputDirError naming the holder when another process has it."""
+    import fcntl
+    import socket
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise OutputDirError(
+            f"the run directory {run_dir} is in use by a running comm-train ({holder}): wait for it or stop "
+            "it, or give this run another name=..."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 def run_contents(run_dir: Path) -> list[str]:

@@ -35,7 +35,14 @@ from comm_cli.compose import ComposedModel
 from comm_cli.compose.composed import parameter_counts
 from comm_cli.data.build import raw_splits, tokenized_splits
 from comm_cli.data.collate import CompletionCollator
-from comm_cli.errors import CheckpointError, CommError, ConfigError, NonFiniteLossError, TrainingStopped
+from comm_cli.errors import (
+    CheckpointError,
+    CommError,
+    ConfigError,
+    NonFiniteLossError,
+    OutputDirError,
+    TrainingStopped,
+)
 from comm_cli.losses import loss_token_count, next_token_loss
 from comm_cli.training import checkpoint as ckpt
 from comm_cli.training import engines
@@ -113,6 +120,7 @@ class TrainRecipe:
         self.state = ckpt.TrainerState()
         self.resume_candidates: list[Path] = []
         self.stop = StopSignals()
+        self._lock = None  # the run directory's lock, held by the main process
 
     # ------------------------------------------------------------------ setup
 
@@ -165,6 +173,18 @@ class TrainRecipe:
         """Check the run directory before anything is written: every rank reads, then the main
         process writes."""
         acc = self.accelerator
+        failure = None
+        if acc.is_main_process:
+            try:
+                self._lock = ckpt.lock_run_dir(self.run_dir)
+            except OutputDirError as err:
+                failure = err
+        if acc.num_processes > 1:
+            flag = torch.tensor([1.0 if failure else 0.0], device=acc.device)
+            if acc.reduce(flag, reduction="sum").item() > 0 and failure is None:
+                failure = OutputDirError(f"the main process could not lock the run directory {self.run_dir}")
+        if failure is not None:
+            raise failure
         self.resume_candidates, skipped = ckpt.resume_candidates(
             self.run_dir, self.cfg.resume, self.cfg.overwrite
         )
@@ -706,3 +726,6 @@ class TrainRecipe:
 
     def cleanup(self) -> None:
         self.accelerator.end_training()
+        if self._lock is not None:
+            self._lock.close()  # releases the run directory
+            self._lock = None
