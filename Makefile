@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-deepspeed test test-fast lint format clean demo bench
+.PHONY: install install-deepspeed test test-fast lint format clean demo demo-seeds bench
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ test-fast: install
 # The paper's key-value arithmetic experiment end to end (specialists, CALM, controls, table).
 demo: install
 	$(BIN)/python scripts/kv_demo.py $(DEMO_ARGS)
+
+# The same table over 3 specialist seeds x 2 CALM seeds: mean, minimum and spread.
+demo-seeds: install
+	$(BIN)/python scripts/kv_seeds.py $(DEMO_ARGS)
 
 # comm against its cost lower bound; prints ratios and writes bench.json.
 bench: install

@@ -111,10 +111,25 @@ def test_a_second_call_reuses_the_build(copy_of):
     assert not paths.built and paths.anchor == root / "anchor"
     assert weights.stat().st_mtime_ns == before
 
-    # The thread count is not part of what is built.
+    # How many processes build it is not part of what is built.
     settings = tiny(0)
-    settings.num_threads = 1
+    settings.processes = 1
     assert not ks.ensure_specialists(root, settings).built
+
+
+def test_the_weights_do_not_depend_on_threads_or_processes(built, tmp_path):
+    """Each specialist trains with one torch thread, in a process of its own or not: the same
+    weights whatever the caller's thread setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        settings = tiny(0)
+        settings.processes = 1
+        serial = _weights(ks.build_specialists(tmp_path / "serial", settings).root)
+    finally:
+        torch.set_num_threads(previous)
+    parallel = _weights(built)
+    assert _same(serial["augment"], parallel["augment"]) and _same(serial["anchor"], parallel["anchor"])
 
 
 def test_changed_settings_rebuild(copy_of):
@@ -153,8 +168,10 @@ def test_a_build_killed_midway_leaves_nothing_that_looks_complete(tmp_path, monk
         raise KeyboardInterrupt  # stands in for a kill while the anchor trains
 
     monkeypatch.setattr(ks, "_train_anchor", killed)
+    in_process = tiny(0)
+    in_process.processes = 1  # the patch reaches this process only
     with pytest.raises(KeyboardInterrupt):
-        ks.ensure_specialists(root, tiny(0))
+        ks.ensure_specialists(root, in_process)
     assert not root.exists()
     assert list(tmp_path.iterdir()) == []
 

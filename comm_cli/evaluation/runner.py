@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import send_to_device
 
 from comm_cli.data.build import eval_rows
 from comm_cli.data.collate import CompletionCollator
@@ -19,6 +20,7 @@ from comm_cli.data.tokenize import tokenize_split
 from comm_cli.evaluation import metrics as M
 from comm_cli.evaluation.models import EvalModel
 from comm_cli.losses import loss_token_count, next_token_loss
+from comm_cli.training.models import augment_pad_ids
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +71,14 @@ class TaskRunner:
 
     @torch.no_grad()
     def loss(self, rows, task) -> float:
-        tokenized, _ = tokenize_split(rows, self.tokenizer, task.data)
-        collate = CompletionCollator(self.tokenizer.pad_token_id)
+        plan = self.model.read_plan
+        tokenized, _ = tokenize_split(rows, self.tokenizer, task.data, plan=plan)
+        collate = CompletionCollator(self.tokenizer.pad_token_id, augment_pad_ids=augment_pad_ids(plan))
         total, tokens = 0.0, 0
         batch_size = self.generation.batch_size
         for start in range(0, len(tokenized), batch_size):
             batch = collate([tokenized[i] for i in range(start, min(start + batch_size, len(tokenized)))])
-            batch = {k: v.to(self.model.device) for k, v in batch.items()}
+            batch = send_to_device(batch, self.model.device)
             total += next_token_loss(self.model.logits(batch), batch["labels"], reduction="sum").item()
             tokens += int(loss_token_count(batch["labels"]))
         return total / max(tokens, 1)
@@ -100,8 +103,11 @@ class TaskRunner:
         batches = [order[i : i + gen.batch_size] for i in range(0, len(order), gen.batch_size)]
         for batch in tqdm(batches, desc=f"{name}", disable=not self.progress, leave=False):
             ids, mask = _left_pad([prompt_ids[i] for i in batch], tok.pad_token_id, self.model.device)
+            texts = [prompts[i] for i in batch]
             for _ in range(samples):
-                new = self.model.generate(ids, mask, gen, max_new, eos, tok.pad_token_id, generator)
+                new = self.model.generate(
+                    ids, mask, gen, max_new, eos, tok.pad_token_id, generator, prompts=texts
+                )
                 for row, i in zip(new.tolist(), batch):
                     if eos is not None and eos in row:
                         row = row[: row.index(eos)]

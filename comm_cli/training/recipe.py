@@ -47,10 +47,12 @@ from comm_cli.losses import loss_token_count, next_token_loss
 from comm_cli.training import checkpoint as ckpt
 from comm_cli.training import engines
 from comm_cli.training.models import (
+    augment_pad_ids,
     batch_logits,
     build_model,
-    check_tokenizers,
     load_tokenizer,
+    read_plan,
+    sample_texts,
 )
 from comm_cli.training.optim import build_optimizer, build_scheduler
 from comm_cli.training.preemption import StopSignals
@@ -237,20 +239,18 @@ class TrainRecipe:
         cfg = self.cfg
         tokenizer_source = cfg.tokenizer or cfg.anchor.name_or_path
         self.tokenizer = load_tokenizer(tokenizer_source, cfg.anchor if cfg.tokenizer is None else None)
+        self.plan = None
         with self.accelerator.main_process_first():
             raw = raw_splits(cfg.data, cfg, seed=cfg.seed)
             if cfg.method.name == "calm":
-                sample_texts = [
-                    raw["train"][i][f]
-                    for i in range(min(8, len(raw["train"])))
-                    for f in raw["train"].column_names
-                ]
-                check_tokenizers(cfg, self.tokenizer, [t for t in sample_texts if isinstance(t, str)])
-            self.splits = tokenized_splits(raw, self.tokenizer, cfg.data)
+                self.plan = read_plan(cfg, self.tokenizer, sample_texts(raw["train"], cfg.data))
+            self.splits = tokenized_splits(raw, self.tokenizer, cfg.data, self.plan)
 
     def _setup_loaders(self) -> None:
         cfg, tcfg = self.cfg, self.cfg.trainer
-        collator = CompletionCollator(self.tokenizer.pad_token_id, padding_side="right")
+        collator = CompletionCollator(
+            self.tokenizer.pad_token_id, padding_side="right", augment_pad_ids=augment_pad_ids(self.plan)
+        )
         train_collator = collator
         if tcfg.cache_augment_states:
             train_collator = self._augment_cache_collator(collator)
@@ -316,6 +316,10 @@ class TrainRecipe:
 
     def _setup_model(self) -> None:
         self.model = build_model(self.cfg)
+        if isinstance(self.model, ComposedModel):
+            plan = self.plan
+            readers = plan.augment_readers if plan else [None] * len(self.model.augments)
+            self.model.set_readers(self.tokenizer, plan.anchor_reader if plan else None, readers)
         if self.engine.startswith("fsdp"):
             engines.name_wrap_blocks(self.model)
         counts = parameter_counts(self.model)

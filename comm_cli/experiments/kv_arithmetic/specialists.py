@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the training recipe changes in a way the settings do not show, so that cached
 # specialists built by older code are rebuilt rather than reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 MANIFEST = "manifest.json"
 WORLD = "world.json"
 # The only entries a specialists directory holds; a directory with anything else is not ours to replace.
@@ -108,9 +108,10 @@ class SpecialistSettings:
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     anchor: AnchorSettings = field(default_factory=AnchorSettings)
     eval_examples: int = 500
-    # Not part of the settings hash: the thread count changes speed (and float rounding), not
-    # what is built. None leaves torch's setting alone.
-    num_threads: int | None = 2
+    # Not part of the settings hash: how many processes build the two specialists (2: side by
+    # side, 1: one after the other). Each trains with exactly one torch thread either way, so
+    # the weights do not depend on this or on the machine's thread settings.
+    processes: int = 2
 
     @classmethod
     def tiny(cls, seed: int = 0) -> SpecialistSettings:
@@ -130,6 +131,7 @@ class SpecialistSettings:
     @classmethod
     def from_dict(cls, data: dict) -> SpecialistSettings:
         data = dict(data)
+        data.pop("num_threads", None)  # written by comm before the build was single-threaded
         augment = AugmentSettings(**data.pop("augment", {}))
         anchor = AnchorSettings(**data.pop("anchor", {}))
         return cls(augment=augment, anchor=anchor, **data)
@@ -137,7 +139,7 @@ class SpecialistSettings:
     def hash(self) -> str:
         """A short stable hash of what decides the weights (the recipe version included)."""
         data = self.to_dict()
-        data.pop("num_threads")
+        data.pop("processes")
         data["recipe_version"] = RECIPE_VERSION
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -188,8 +190,7 @@ def build_specialists(out_dir: str | Path, settings: SpecialistSettings | None =
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{_HOST}-{time.time_ns()}"
     tmp.mkdir()
     try:
-        with _torch_threads(settings.num_threads):
-            manifest = _build_into(tmp, settings)
+        manifest = _build_into(tmp, settings)
         return _install(tmp, out_dir, settings, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -229,27 +230,46 @@ def _build_into(root: Path, settings: SpecialistSettings) -> dict:
         composition_fraction=settings.composition_fraction,
     )
     world.save(root / WORLD)
-    tokenizer = build_char_tokenizer()
-    models = {}
-    for name, train in (("augment", _train_augment), ("anchor", _train_anchor)):
-        model, manifest = train(world, tokenizer, settings)
-        with _no_progress_bars():
-            model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        manifest["settings_hash"] = settings.hash()
-        (root / name / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        models[name] = manifest
+    names = ("augment", "anchor")
+    if settings.processes > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a fresh interpreter per specialist, whatever threads this process has started
+        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_train_and_save, name, str(root), settings.to_dict()) for name in names]
+            models = dict(zip(names, (future.result() for future in futures)))
+    else:
+        models = {name: _train_and_save(name, str(root), settings.to_dict()) for name in names}
     return {
         "complete": True,
         "settings_hash": settings.hash(),
         "recipe_version": RECIPE_VERSION,
         "settings": settings.to_dict(),
-        "num_threads": torch.get_num_threads(),
+        "num_threads": 1,
+        "processes": settings.processes,
         "torch_version": torch.__version__,
         "total_seconds": round(time.perf_counter() - start, 2),
         "augment": models["augment"],
         "anchor": models["anchor"],
     }
+
+
+def _train_and_save(name: str, root: str, settings_dict: dict) -> dict:
+    """Train one specialist with a single torch thread (its weights then do not depend on the
+    thread count: float sums are not split across threads) and save it; its manifest."""
+    settings = SpecialistSettings.from_dict(settings_dict)
+    world = KVWorld.load(Path(root) / WORLD)
+    tokenizer = build_char_tokenizer()
+    train = {"augment": _train_augment, "anchor": _train_anchor}[name]
+    with _torch_threads(1):
+        model, manifest = train(world, tokenizer, settings)
+    with _no_progress_bars():
+        model.save_pretrained(Path(root) / name)
+    tokenizer.save_pretrained(Path(root) / name)
+    manifest["settings_hash"] = settings.hash()
+    (Path(root) / name / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
 
 
 def _train_augment(world: KVWorld, tokenizer, settings: SpecialistSettings):
