@@ -49,8 +49,9 @@ def final_bridges(run_dir: Path):
 
 
 def nothing_written(run_dir: Path) -> bool:
-    """Hydra makes the (empty) run directory of every job; comm must put nothing in it."""
-    return not run_dir.exists() or not any(run_dir.iterdir())
+    """Hydra makes the (empty) run directory of every job; comm must put nothing in it but the
+    run directory's lock file (held while it checks, empty of meaning once released)."""
+    return not run_dir.exists() or not [p for p in run_dir.iterdir() if p.name != ".lock"]
 
 
 def error_lines(err: str, program: str = "comm-train") -> list[str]:
