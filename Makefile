@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint format clean demo demo-seeds demo-cross demo-encoder bench
+.PHONY: install install-deepspeed test test-fast lint format clean demo demo-seeds demo-cross demo-encoder bench
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
+
+# Optional: DeepSpeed for conf/accelerate/deepspeed_zero*.yaml and its tests (built against the
+# venv's torch, hence no build isolation).
+install-deepspeed: install
+	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.15"
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

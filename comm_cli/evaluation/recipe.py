@@ -39,6 +39,33 @@ def check_tasks(cfg) -> None:
             )
 
 
+def check_inputs(cfg) -> None:
+    """Everything comm-eval can check from the config alone, before anything is built or loaded:
+    the tasks, each task's local data files, and the checkpoint directory of the model under
+    test. (An experiment's ``prepare`` may spend minutes building models; a mistyped path must
+    not wait for it.)"""
+    from comm_cli.compose.saving import WEIGHTS_NAME, read_composition_config
+    from comm_cli.data.loading import check_local_data
+    from comm_cli.errors import ModelLoadError
+
+    check_tasks(cfg)
+    for task in cfg.tasks.values():
+        check_local_data(task.data)
+    if cfg.model == "calm":
+        if not cfg.checkpoint:
+            raise ConfigError("model=calm needs checkpoint=<directory of a saved composition>")
+        read_composition_config(cfg.checkpoint)  # one line when it is missing or damaged
+        if not (Path(cfg.checkpoint) / WEIGHTS_NAME).is_file():
+            raise ModelLoadError(
+                f"'{cfg.checkpoint}' has no {WEIGHTS_NAME}: the composition was not saved completely"
+            )
+    elif cfg.model in ("lora", "full") and (not cfg.checkpoint or not Path(cfg.checkpoint).is_dir()):
+        raise ModelLoadError(
+            f"model={cfg.model} needs checkpoint=<directory written by comm-train method={cfg.model}>, "
+            f"got {cfg.checkpoint}"
+        )
+
+
 def evaluate(cfg, raw_config: dict) -> list[dict]:
     run_dir = Path(cfg.output_dir).resolve()
     setup_logging(run_dir / "eval.log")

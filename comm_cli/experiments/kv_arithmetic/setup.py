@@ -29,10 +29,15 @@ def prepare(cfg) -> None:
     """Build the specialists when this config uses them and they are not cached yet."""
     if not uses_kv_specialists(cfg):
         return
-    from comm_cli.experiments.kv_arithmetic.specialists import ensure_specialists, read_complete_manifest
+    from comm_cli.experiments.kv_arithmetic.specialists import (
+        ensure_specialists,
+        read_complete_manifest,
+        remove_stale_partials,
+    )
 
     kv_dir = Path(cfg.kv.dir).expanduser()
     settings = cfg.kv.specialists
+    remove_stale_partials(kv_dir)  # killed builds' leftovers, also when the cached build is reused
     if read_complete_manifest(kv_dir, settings) is not None:
         return
     built_hash = _complete_build_hash(kv_dir)

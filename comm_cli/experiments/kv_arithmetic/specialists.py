@@ -31,6 +31,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import string
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -197,6 +198,7 @@ def ensure_specialists(
     settings = settings or SpecialistSettings()
     out_dir = Path(out_dir)
     if not force:
+        remove_stale_partials(out_dir)  # a killed build's leftovers go even when nothing is built
         manifest = read_complete_manifest(out_dir, settings)
         if manifest is not None:
             logger.info("reusing specialists in %s (settings %s)", out_dir, settings.hash())
@@ -210,8 +212,8 @@ def build_specialists(out_dir: str | Path, settings: SpecialistSettings | None =
     out_dir = Path(out_dir).absolute()
     _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{time.time_ns()}"
+    remove_stale_partials(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{_HOST}-{time.time_ns()}"
     tmp.mkdir()
     try:
         manifest = _build_into(tmp, settings)
@@ -717,14 +719,24 @@ def _install(tmp: Path, out_dir: Path, settings: SpecialistSettings, manifest: d
     return _paths(out_dir, manifest, built=True)
 
 
-def _remove_stale_partials(out_dir: Path) -> None:
-    """Delete leftovers of builds that were killed (their process is gone)."""
+# The build directory names carry the builder's host as well as its pid: on a cache shared by
+# several machines, a pid only says whether a build of *this* host is still running.
+_HOST = socket.gethostname().replace("-", "_").replace("/", "_") or "localhost"
+
+
+def remove_stale_partials(out_dir: str | Path) -> None:
+    """Delete leftovers of builds that were killed: ``.<name>.partial-<pid>-<host>-<ns>``
+    directories whose process is gone (``.partial-<pid>-<ns>``, the older form, counts as this
+    host's). A build of another host is left alone."""
+    out_dir = Path(out_dir).absolute()
     for entry in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        parts = entry.name.rsplit(".partial-", 1)[1].split("-")
         try:
-            pid = int(entry.name.rsplit(".partial-", 1)[1].split("-")[0])
+            pid = int(parts[0])
         except ValueError:
             continue
-        if not _process_alive(pid):
+        host = parts[1] if len(parts) == 3 else _HOST
+        if host == _HOST and not _process_alive(pid):
             shutil.rmtree(entry, ignore_errors=True)
 
 
