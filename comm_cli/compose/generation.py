@@ -9,7 +9,7 @@ at every step: slow, but the reference the cached path must match.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,11 +74,14 @@ def generate(
     generator: torch.Generator | None = None,
     output_scores: bool = False,
     return_dict: bool = False,
+    stopping: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor | GenerationOutput:
     """Generate up to ``max_new_tokens`` after each prompt row.
 
     Rows stop at an ``eos_token_id`` (int or list) and are then filled with ``pad_token_id``.
-    Right-padded prompts are moved to left padding first. Returns the sequences (prompt +
+    ``stopping(sequences, prompt_length)`` -> bool (batch,) marks further rows as done after each
+    step (e.g. a stop string has appeared in their text; evaluation uses it). Right-padded prompts
+    are moved to left padding first. Returns the sequences (prompt +
     new tokens), or a GenerationOutput with ``return_dict=True``.
     """
     if max_new_tokens < 0:
@@ -130,6 +133,8 @@ def generate(
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             if eos_tensor is not None:
                 unfinished = unfinished & ~torch.isin(next_tokens, eos_tensor)
+            if stopping is not None:
+                unfinished = unfinished & ~stopping(sequences, prompt_length).to(unfinished.device)
             if step == max_new_tokens - 1 or not bool(unfinished.any()):
                 break
             if use_cache:
