@@ -229,7 +229,9 @@ class CommLM(TemplateLM):
 
 def _load(kind, checkpoint, anchor, augment, device, dtype) -> EvalModel:
     """An EvalModel from lm-eval's string arguments (``--model_args``)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # as lm-eval's own hf model falls back
+    device = torch.device(device)
     cfg = SimpleNamespace(
         model=kind,
         checkpoint=checkpoint,

@@ -12,6 +12,7 @@ Metric names are lm-eval's ``metric,filter`` keys with the default filter ``,non
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -36,8 +37,6 @@ def task_manager(harness):
     """lm-eval's TaskManager over its own tasks plus ``include_path`` and the folders of any task
     given as a YAML file; returns (manager, task names)."""
     require_lm_eval()
-    from lm_eval.tasks import TaskManager
-
     paths, names = [], []
     if harness.include_path:
         if not Path(harness.include_path).is_dir():
@@ -53,8 +52,15 @@ def task_manager(harness):
             names.append(_yaml_task_name(path))
         else:
             names.append(task)
-    manager = TaskManager(include_path=paths or None)
-    return manager, names
+    return _manager(tuple(paths)), names
+
+
+@functools.lru_cache(maxsize=4)
+def _manager(paths: tuple[str, ...]):
+    """lm-eval indexes every task YAML it ships when a TaskManager is made (seconds): once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths) or None)
 
 
 def check_tasks(harness) -> None:
@@ -111,7 +117,11 @@ def run(model, tokenizer, cfg) -> tuple[list[TaskResult], dict]:
     for task, values in out["results"].items():
         metrics = {}
         for key, value in values.items():
-            if key == "alias" or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if (
+                key in ("alias", "sample_len")
+                or not isinstance(value, (int, float))
+                or isinstance(value, bool)
+            ):
                 continue
             metric, _, filter_name = key.partition(",")
             metrics[metric if filter_name in ("", "none") else key] = float(value)
