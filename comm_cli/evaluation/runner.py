@@ -180,7 +180,7 @@ class TaskRunner:
         problems = C.problems(rows, code.benchmark)
         result.n = len(problems)
         stops = list(code.stop) if code.stop is not None else C.STOPS[code.benchmark]
-        max_new = task.max_new_tokens or self.generation.max_new_tokens
+        max_new = self.generation.max_new_tokens if task.max_new_tokens is None else task.max_new_tokens
         completions = self.generate(name, [p.prompt for p in problems], task.data.add_bos, max_new, stops)
         programs = [p.program(c) for p, samples in zip(problems, completions) for c in samples]
         logger.info(
