@@ -16,7 +16,7 @@ from comm_cli.cli import check_override_keys, config_dir, resolve_output_dir, ru
 from comm_cli.schema import EvalConfig, register_schemas
 
 PROGRAM = "comm-eval"
-GROUPS = {"anchor", "augment", "logger", "task"}
+GROUPS = {"anchor", "augment", "logger", "task", "suite"}
 
 register_schemas()
 
