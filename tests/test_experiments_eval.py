@@ -180,3 +180,23 @@ def test_evaluating_other_models_does_not_build_the_key_value_specialists(tmp_pa
     assert uses_kv_specialists(typed())  # the default: the key-value composition and tasks
     assert not uses_kv_specialists(typed("suite=code", "model=anchor", f"anchor.name_or_path={ws['anchor']}"))
     assert not uses_kv_specialists(typed("suite=code", f"checkpoint={composition}"))
+
+
+def test_flores_files_must_be_aligned(tmp_path):
+    from comm_cli.data.parallel_text import read_pairs
+    from comm_cli.errors import DataError
+
+    (tmp_path / "eng_Latn.dev").write_text("one\ntwo\n")
+    (tmp_path / "swh_Latn.dev").write_text("moja\n")
+    files = {"source": str(tmp_path / "eng_Latn.dev"), "target": str(tmp_path / "swh_Latn.dev")}
+    with pytest.raises(DataError, match="has 2 lines and .* 1: parallel files must be aligned line by line"):
+        read_pairs(files)
+    with pytest.raises(DataError, match=r"data.data_files=\{source: FILE, target: FILE\}"):
+        read_pairs(str(tmp_path / "eng_Latn.dev"))
+    (tmp_path / "swh_Latn.dev").write_text("moja\nmbili\n")
+    rows, source, target = read_pairs(files)
+    assert (source, target) == ("eng_Latn", "swh_Latn")
+    assert rows[1] == {
+        "prompt": "Translate from eng_Latn to swh_Latn.\neng_Latn: two\nswh_Latn:",
+        "completion": " mbili",
+    }
