@@ -23,7 +23,7 @@ from comm_cli.cli import (
 from comm_cli.schema import EvalConfig, check_eval_values, register_schemas
 
 PROGRAM = "comm-eval"
-GROUPS = {"anchor", "augment", "logger", "task"}
+GROUPS = {"anchor", "augment", "logger", "task", "suite"}
 
 register_schemas()
 

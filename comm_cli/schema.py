@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -144,11 +145,25 @@ class GenerationConfig:
 
 
 @dataclass
+class CodeTaskConfig:
+    """A code benchmark (metrics=[pass_at_k]): completions run against the problem's tests, each in
+    its own process (comm_cli/evaluation/execution.py), only with execute_untrusted_code=true."""
+
+    benchmark: str | None = None  # humaneval | mbpp: how prompts, stop strings and tests are built
+    k: list[int] = field(default_factory=lambda: [1, 10, 100])  # pass@k for every k <= samples per problem
+    timeout: float = 10.0  # seconds per program (wall clock)
+    memory_mb: int = 1024  # address-space limit per program
+    workers: int | None = None  # programs run at once; None: one per CPU core
+    stop: list[str] | None = None  # None: the benchmark's usual stop strings
+
+
+@dataclass
 class EvalTask:
     """One evaluation: a dataset (its ``data.split``) and the metrics to compute on it."""
 
     data: DataSchema = field(default_factory=DataSchema)
     # loss (+ perplexity, teacher-forced) | exact_match (generation) | chrf (chrF++) | bleu
+    # | pass_at_k (generated code executed against the tests; needs code.benchmark)
     metrics: list[str] = field(default_factory=lambda: ["loss"])
     # how an answer is read from a generation and its reference:
     # full | first_number | last_number | regex | package.module:function (an experiment's own reader)
@@ -156,6 +171,24 @@ class EvalTask:
     regex: str | None = None  # extract=regex: the first group (or the whole match)
     max_examples: int | None = None
     max_new_tokens: int | None = None  # None: generation.max_new_tokens
+    stop: list[str] = field(default_factory=list)  # generation ends at any of these strings
+    code: CodeTaskConfig = field(default_factory=CodeTaskConfig)
+
+
+@dataclass
+class HarnessConfig:
+    """lm-evaluation-harness tasks run on the same model (needs pip install 'comm-cli[harness]')."""
+
+    tasks: list[str] = field(default_factory=list)  # task or group names, or paths of task YAML files
+    include_path: str | None = None  # a directory of your own task YAMLs (lm-eval's --include_path)
+    num_fewshot: int | None = None
+    limit: float | None = None  # examples per task (a fraction when < 1); None: all
+    batch_size: int | None = None  # None: generation.batch_size
+    max_length: int | None = None  # context length; None: the anchor's max_position_embeddings
+    log_samples: bool = True  # per-example requests and answers into predictions.jsonl
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {max_gen_toks: 128}
+    add_bos_token: bool = True  # prepend the tokenizer's bos token, as comm-train does
+    bootstrap_iters: int = 100000  # lm-eval's bootstrap for the stderr of metrics without a closed form
 
 
 @dataclass
@@ -172,7 +205,11 @@ class EvalConfig:
     augment: ModelSpec = MISSING
     tokenizer: str | None = None
     tasks: dict[str, EvalTask] = field(default_factory=dict)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # Code benchmarks run model-generated programs on this machine (each in its own process with
+    # time and memory limits and no network); they run only when this is true.
+    execute_untrusted_code: bool = False
     # with model=calm: also evaluate with the bridges switched off (the anchor's skills kept)
     bridges_off: bool = False
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -19,10 +19,30 @@ logger = logging.getLogger(__name__)
 def uses_kv_specialists(cfg) -> bool:
     """Whether a train or eval config reads anything from ``kv.dir``."""
     kv_dir = str(Path(cfg.kv.dir).expanduser())
-    names = [cfg.anchor.name_or_path, cfg.augment.name_or_path]
+    names = _models_in_use(cfg)
     datas = [getattr(cfg, "data", None)] + [task.data for task in getattr(cfg, "tasks", {}).values()]
     uses_data = any(getattr(data, "synthetic", None) == "kv_arithmetic" for data in datas)
     return uses_data or any(str(name).startswith(kv_dir) for name in names)
+
+
+def _models_in_use(cfg) -> list[str]:
+    """The base models this job loads: comm-eval's ``model=anchor`` reads only the anchor, and a
+    saved composition names its own bases (so ``comm-eval model=anchor anchor.name_or_path=X``
+    does not build the specialists because the default augment preset points into kv.dir)."""
+    kind = getattr(cfg, "model", None)  # comm-eval's model kind; comm-train has none
+    if kind in ("anchor", "lora"):
+        return [cfg.anchor.name_or_path]
+    if kind == "augment":
+        return [cfg.augment.name_or_path]
+    if kind == "full":
+        return []
+    checkpoint = getattr(cfg, "checkpoint", None)
+    if kind == "calm" and checkpoint and (Path(checkpoint) / "composition_config.json").is_file():
+        from comm_cli.compose.saving import read_composition_config
+
+        config = read_composition_config(checkpoint)
+        return [config.anchor.name_or_path, *(a.model.name_or_path for a in config.augments)]
+    return [cfg.anchor.name_or_path, cfg.augment.name_or_path]
 
 
 def prepare(cfg) -> None:
