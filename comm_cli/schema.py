@@ -322,8 +322,8 @@ EVAL_TASK_RULES: tuple[Rule, ...] = (
     ("max_examples", _optional(_at_least(1)), "a positive number of examples, or null for all"),
     (
         "max_new_tokens",
-        _optional(_at_least(1)),
-        "a positive number of tokens, or null for generation.max_new_tokens",
+        _optional(_at_least(0)),
+        "0 or more tokens (0: the prompt alone is scored, as a code task can), or null for generation.max_new_tokens",
     ),
 )
 

@@ -152,7 +152,7 @@ class TaskRunner:
         prompts = [str(p) for p in rows[prompt_field]]
         references = [str(c) for c in rows[completion_field]]
         samples = self.generation.num_samples if self.generation.do_sample else 1
-        max_new = task.max_new_tokens or self.generation.max_new_tokens
+        max_new = self.generation.max_new_tokens if task.max_new_tokens is None else task.max_new_tokens
         predictions = self.generate(name, prompts, task.data.add_bos, max_new, list(task.stop))
         extract = M.extractor(task.extract, task.regex)
         first = [p[0] for p in predictions]
