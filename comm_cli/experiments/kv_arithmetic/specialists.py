@@ -111,6 +111,8 @@ class SpecialistSettings:
     num_keys: int = 500
     key_length: int = 3
     composition_fraction: float = 0.2
+    # Composition keys hold every value equally often (KVWorld.create(balanced=True)).
+    balanced_split: bool = False
     min_operands: int = 2
     max_operands: int = 3
     augment: AugmentSettings = field(default_factory=AugmentSettings)
@@ -164,6 +166,7 @@ class SpecialistSettings:
 # (section, key, default) of settings added after RECIPE_VERSION 2.
 _LATER_OPTIONS = (
     (None, "anchor_tokenizer", "char"),
+    (None, "balanced_split", False),
     (None, "bpe_vocab_size", 160),
     ("augment", "kind", "causal"),
     ("augment", "replace_fraction", 0.5),
@@ -254,6 +257,7 @@ def _build_into(root: Path, settings: SpecialistSettings) -> dict:
         num_keys=settings.num_keys,
         key_length=settings.key_length,
         composition_fraction=settings.composition_fraction,
+        balanced=settings.balanced_split,
     )
     world.save(root / WORLD)
     names = ("augment", "anchor")
