@@ -91,6 +91,36 @@ def exact_matches(root: Path, name: str, variant: str | None = None) -> dict[str
     }
 
 
+def value_errors(eval_dir: Path, kv_dir: Path) -> dict[str, dict[str, float]]:
+    """Where a composition fails, by the value it had to carry: for each value, how many of the
+    composition keys hold it (what the bridges trained on) and the fraction of held-out key slots
+    with that value that the substitution got wrong (``kv_substitution_heldout`` predictions)."""
+    from comm_cli.experiments.kv_arithmetic.world import KVWorld
+
+    world = KVWorld.load(kv_dir / "world.json")
+    training = {v: 0 for v in range(world.num_values)}
+    for key in world.composition_keys:
+        training[world.values[key]] += 1
+    slots = {v: [0, 0] for v in range(world.num_values)}  # value -> [wrong, total]
+    for line in (eval_dir / "predictions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["task"] != "kv_substitution_heldout" or "(" in row["model"]:
+            continue
+        keys = [
+            row["prompt"][i : i + world.key_length]
+            for i in range(0, len(row["prompt"]) - 1, world.key_length + 1)
+        ]
+        digits = [c for c in str(row["prediction"]).split("=")[0] if c.isdigit()]
+        for i, key in enumerate(keys):
+            value = world.values[key]
+            slots[value][1] += 1
+            slots[value][0] += not (i < len(digits) and digits[i] == str(value))
+    return {
+        str(v): {"composition_keys": training[v], "error": slots[v][0] / max(1, slots[v][1])}
+        for v in range(world.num_values)
+    }
+
+
 @dataclass
 class KVTable:
     """Every run behind one table: the specialists of one build (``kv_dir``), CALM trained with
@@ -236,6 +266,7 @@ class KVTable:
                     TRAIN_KEYS: on.get(TRAIN_KEYS),
                     "numeric_arithmetic_bridges_off": off.get("numeric_arithmetic"),
                     "val_loss": summary(name)["metrics"].get("val/loss"),
+                    "value_errors": value_errors(root / f"eval_{name}", self.kv_dir),
                 }
             )
         return {

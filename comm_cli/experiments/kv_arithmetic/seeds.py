@@ -68,6 +68,7 @@ def summarise(tables: dict[int, dict], manifests: dict[int, dict]) -> dict:
                     "numeric_arithmetic": run["numeric_arithmetic"],
                     "numeric_arithmetic_anchor": anchor_alone,
                     "val_loss": run["val_loss"],
+                    "value_errors": run.get("value_errors"),
                 }
             )
         for name in CONTROLS:
@@ -84,6 +85,10 @@ def summarise(tables: dict[int, dict], manifests: dict[int, dict]) -> dict:
             }
         )
     skill_gaps = [abs(r["numeric_arithmetic"] - r["numeric_arithmetic_anchor"]) for r in runs]
+    by_count: dict[int, list[float]] = {}
+    for r in runs:
+        for cell in (r.get("value_errors") or {}).values():
+            by_count.setdefault(cell["composition_keys"], []).append(cell["error"])
     return {
         "runs": runs,
         "calm_heldout": stats([r[HELDOUT] for r in runs]),
@@ -93,6 +98,10 @@ def summarise(tables: dict[int, dict], manifests: dict[int, dict]) -> dict:
             if rows
         },
         "anchor_skill_max_abs_change": max(skill_gaps),
+        # held-out slot error of a value against how many composition keys hold it, over all runs
+        "error_by_composition_keys_per_value": {
+            n: statistics.fmean(errors) for n, errors in sorted(by_count.items())
+        },
         "specialists": specialists,
     }
 
@@ -118,6 +127,13 @@ def format_report(summary: dict) -> str:
         f"anchor's numeric arithmetic, bridges on vs the anchor alone: largest change "
         f"{100 * summary['anchor_skill_max_abs_change']:.1f} points"
     )
+    if summary.get("error_by_composition_keys_per_value"):
+        lines.append(
+            "held-out substitution error of a value, by how many composition keys hold it: "
+            + ", ".join(
+                f"{n} keys {pct(e)}" for n, e in summary["error_by_composition_keys_per_value"].items()
+            )
+        )
     lines.append("specialists: " + "  ".join(f"{m}.{k}" for m, k in SPECIALIST_METRICS))
     for row in summary["specialists"]:
         values = "  ".join(pct(row[f"{m}.{k}"]) for m, k in SPECIALIST_METRICS)
@@ -132,6 +148,11 @@ def main() -> None:
     add_common_arguments(parser, "outputs/kv_seeds")
     parser.add_argument("--specialist-seeds", default="0,1,2")
     parser.add_argument("--calm-seeds", default="0,1")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="read the finished runs under --output-root again; train nothing",
+    )
     args = parser.parse_args()
     specialist_seeds = [int(s) for s in args.specialist_seeds.split(",")]
     calm_seeds = tuple(int(s) for s in args.calm_seeds.split(","))
@@ -158,7 +179,8 @@ def main() -> None:
             prefix=f"s{spec_seed}/",
         )
         tables[spec_seed] = table
-        jobs += table.jobs()
+        if not args.report_only:
+            jobs += table.jobs()
     runner = Runner(root / "logs", args.workers, args.threads)
     runner.run(jobs)
     summary = summarise({s: t.collect() for s, t in tables.items()}, manifests)
