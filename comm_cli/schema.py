@@ -31,6 +31,7 @@ class AugmentEntry:
 
     model: ModelSpec = MISSING
     mapping: MappingSpec = MISSING
+    tokens: str = "auto"  # auto | shared | aligned: how it reads text (augment_tokens for the first)
 
 
 @dataclass
@@ -124,6 +125,10 @@ class TrainConfig:
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     mask_mode: str = "causal"
     tokenizer: str | None = None  # None: the anchor's
+    # How the augment reads text: auto (the anchor's ids when the tokenizers read alike, else its
+    # own tokens lined up through characters), shared (the anchor's ids; an error if they differ)
+    # or aligned (its own tokens even when they read alike).
+    augment_tokens: str = "auto"
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataSchema = field(default_factory=DataSchema)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -342,6 +342,28 @@ def test_an_augment_with_its_own_tokenizer_trains_and_evaluates(ws, tmp_path):
     assert {r["metric"] for r in rows} >= {"loss", "exact_match"}
 
 
+def test_augment_tokens_forces_a_path(ws, tmp_path, capsys):
+    """augment_tokens=aligned makes a same-tokenizer augment read its own tokens (recorded in the
+    saved composition); augment_tokens=shared with a tokenizer that reads differently is one line."""
+    import json
+
+    from tests import tokenizer_zoo as zoo
+    from tests.conftest import tiny_model
+
+    args = base_args(ws, tmp_path, "forced") + ["augment_tokens=aligned", "trainer.max_steps=2"]
+    assert run_train(args) == 0
+    saved = json.loads((tmp_path / "forced" / "composition" / "composition_config.json").read_text())
+    assert saved["augments"][0]["tokens"] == "aligned"
+
+    bpe_dir = tmp_path / "bpe_augment"
+    tokenizer = zoo.gpt2_bpe()
+    tiny_model("qwen2", seed=4, width=32, layers=2, vocab=len(tokenizer)).save_pretrained(bpe_dir)
+    tokenizer.save_pretrained(bpe_dir)
+    args = base_args(ws, tmp_path, "shared") + [f"augment.name_or_path={bpe_dir}", "augment_tokens=shared"]
+    err = _error(capsys, args)
+    assert "tokens=shared" in err and "reads text differently" in err
+
+
 def test_config_typos_and_wrong_types_fail_before_any_model_loads(ws, tmp_path):
     typo = run_module("comm_cli.train", base_args(ws, tmp_path) + ["optimizer.lrr=1e-3"], tmp_path)
     assert typo.returncode == 2

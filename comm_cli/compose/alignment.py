@@ -364,6 +364,11 @@ def plan_alignment(
     requested = list(requested or ["auto"] * len(augment_tokenizers))
     readers: list[TokenReader | None] = []
     for tokenizer, name, wanted in zip(augment_tokenizers, names, requested):
+        if tokenizer is None and wanted == "aligned":
+            raise TokenizerMismatchError(
+                f"{name} is set to read its own tokens (tokens=aligned) but ships no tokenizer: set its "
+                "tokenizer to the one it was trained with, or tokens=auto"
+            )
         shared = tokenizer is None or same_tokenizer(anchor_tokenizer, tokenizer, texts)
         if wanted == "shared" and not shared:
             raise TokenizerMismatchError(

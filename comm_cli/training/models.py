@@ -25,9 +25,16 @@ logger = logging.getLogger(__name__)
 
 def composition_config(cfg) -> CompositionConfig:
     """The composition described by a train/eval config (``augment`` plus ``extra_augments``)."""
-    augments = [AugmentSpec(model=cfg.augment, mapping=cfg.mapping)]
-    augments += [AugmentSpec(model=entry.model, mapping=entry.mapping) for entry in cfg.extra_augments]
+    augments = [AugmentSpec(model=cfg.augment, mapping=cfg.mapping, tokens=_augment_tokens(cfg))]
+    augments += [
+        AugmentSpec(model=entry.model, mapping=entry.mapping, tokens=getattr(entry, "tokens", None) or "auto")
+        for entry in cfg.extra_augments
+    ]
     return CompositionConfig(anchor=cfg.anchor, augments=augments, bridge=cfg.bridge, mask_mode=cfg.mask_mode)
+
+
+def _augment_tokens(cfg) -> str:
+    return getattr(cfg, "augment_tokens", None) or "auto"
 
 
 def read_plan(cfg, anchor_tokenizer, sample_texts) -> ReadPlan | None:
@@ -50,7 +57,10 @@ def read_plan(cfg, anchor_tokenizer, sample_texts) -> ReadPlan | None:
                 "the augmenting model %s ships no tokenizer: it reads the anchor's token ids", source
             )
             tokenizers.append(None)
-    readers = plan_alignment(anchor_tokenizer, tokenizers, names, sample_texts)
+    requested = [_augment_tokens(cfg)] + [
+        getattr(entry, "tokens", None) or "auto" for entry in cfg.extra_augments
+    ]
+    readers = plan_alignment(anchor_tokenizer, tokenizers, names, sample_texts, requested)
     if not any(reader is not None for reader in readers):
         return None
     if cfg.mask_mode == "causal":
