@@ -30,11 +30,11 @@ from comm_cli.compose.composed import parameter_counts
 from comm_cli.data.build import raw_splits, tokenized_splits
 from comm_cli.data.collate import CompletionCollator
 from comm_cli.errors import ConfigError, NonFiniteLossError
-from comm_cli.losses import loss_token_count, next_token_loss
+from comm_cli.losses import loss_token_count
 from comm_cli.training import checkpoint as ckpt
 from comm_cli.training.models import (
     augment_pad_ids,
-    batch_logits,
+    batch_loss,
     build_model,
     load_tokenizer,
     read_plan,
@@ -371,8 +371,8 @@ class TrainRecipe:
     # ------------------------------------------------------------------ training
 
     def _summed_loss(self, batch) -> torch.Tensor:
-        logits = batch_logits(self.model, batch, composed=self.cfg.method.name == "calm")
-        return next_token_loss(logits, batch["labels"], reduction="sum")
+        """Summed token loss of a micro-batch, computed without logits where no loss is."""
+        return batch_loss(self.model, batch, composed=self.cfg.method.name == "calm", reduction="sum")
 
     def _micro_batches(self):
         """Yield (epoch, index in epoch, batch) forever, from the saved data position on."""
