@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint format clean demo demo-seeds bench
+.PHONY: install test test-fast lint format clean demo demo-seeds bench bench-sweep
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ demo-seeds: install
 # comm against its cost lower bound; prints ratios and writes bench.json.
 bench: install
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+# How a step's cost grows with sequence length and connections: bench_sweep.json and a PNG
+# (matplotlib comes with the bench extra).
+bench-sweep: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python scripts/bench.py --sweep $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check comm_cli scripts tests

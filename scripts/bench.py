@@ -13,12 +13,24 @@ repeated (median of --repeats after --warmup rounds):
   lora_step     a PEFT LoRA step on the anchor with the bridges' trainable-parameter budget
   generation    composed KV-cached greedy decoding per token vs anchor-only + augment-only
 
+Every token carries loss there (text). A second case is prompt/completion data at vocab 128256
+(Llama 3), where the first 70% of each row is prompt and carries no loss:
+
+  calm_step             comm's step: the anchor's head runs only at the loss positions, in chunks
+  calm_step_full_logits the same step computing every logit (comm before the chunked loss)
+  lower_bound           the same bound as above, which computes every logit
+
+and reports calm_step / lower_bound (calm_step_over_full_logits_bound) and the peak memory of
+calm_step against calm_step_full_logits (peak_memory_over_full_logits).
+
 Peak memory per variant: torch.cuda.max_memory_allocated on a GPU; on the CPU the peak RSS of a
 fresh child process that runs only that variant (RSS cannot be reset within one process).
 
     python scripts/bench.py                      # CPU, float32
     python scripts/bench.py --device cuda        # bf16 bases, fp32 bridges
     python scripts/bench.py --preset 1b          # ~1B anchor + ~0.5B augment (for a GPU)
+    python scripts/bench.py --sweep              # step time and memory against sequence length
+                                                 # and connections -> bench_sweep.json (+ .png)
 
 Prints a table and writes bench.json (path printed). Ratios only: no timing is asserted anywhere.
 """
@@ -46,6 +58,7 @@ from comm_cli.compose.blocks import find_blocks  # noqa: E402
 from comm_cli.compose.bridge import bridge_parameter_count  # noqa: E402
 from comm_cli.compose.mapping import resolve_connections  # noqa: E402
 from comm_cli.compose.masks import positions_from_mask  # noqa: E402
+from comm_cli.training.models import batch_loss  # noqa: E402
 
 PRESETS = {
     # width, layers, heads, kv heads, intermediate
@@ -87,7 +100,15 @@ def build_models(args, dtype, device):
 
 
 def loss_of(logits, labels):
+    """Mean float32 cross-entropy over every logit (labels -100 ignored): the unchunked path."""
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+def prompt_labels(ids: torch.Tensor, prompt_fraction: float) -> torch.Tensor:
+    """Labels of prompt/completion rows: the first ``prompt_fraction`` of each row carries no loss."""
+    labels = ids.clone()
+    labels[:, : int(round(ids.shape[1] * prompt_fraction))] = -100
+    return labels
 
 
 class Variants:
@@ -95,8 +116,9 @@ class Variants:
     variant runs under bf16 autocast, as comm-train's mixed precision does (the fp32 bridge
     weights are then used in bf16 matmuls, their gradients and optimizer state stay fp32)."""
 
-    def __init__(self, args, device, only: str | None = None):
-        """``only``: build just what that variant needs (a peak-memory child process)."""
+    def __init__(self, args, device, only: str | None = None, lean: bool = False):
+        """``only``: build just what that variant needs (a peak-memory child process); ``lean``:
+        no LoRA or generation copies (the prompt/completion case and the sweep)."""
         self.args, self.device = args, device
         base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         anchor, augment = build_models(args, base_dtype, device)
@@ -105,9 +127,10 @@ class Variants:
         g = torch.Generator().manual_seed(1)
         self.ids = torch.randint(0, self.vocab, (args.batch, args.seq), generator=g).to(device)
         self.mask = torch.ones_like(self.ids)
+        self.labels = prompt_labels(self.ids, args.prompt_fraction)
         self.positions = positions_from_mask(self.mask)
         mapping, bridge = (
-            MappingSpec(every=args.every),
+            MappingSpec(count=args.connections) if args.connections else MappingSpec(every=args.every),
             BridgeConfig(num_heads=args.bridge_heads, zero_init_output=False),
         )
         self.budget = len(
@@ -115,23 +138,26 @@ class Variants:
         ) * (bridge_parameter_count(augment.config.hidden_size, anchor.config.hidden_size, bridge))
         self._lora = None
         # copies taken before composing, so the LoRA anchor carries no bridge hooks
-        if only is None:
+        if only is None and not lean:
             self._lora_anchor = copy.deepcopy(self.anchor)
         else:  # a memory child: the LoRA one wraps the anchor itself, the others need no LoRA
             self._lora_anchor = self.anchor if only == "lora_step" else None
         if only == "lora_step":
             return
-        self.full_augment = augment if only is None else None
+        copies = only is None and not lean
+        self.full_augment = augment if copies else None
+        self.augment_config = augment.config
         self.composed = ComposedModel.from_models(
-            self.anchor, copy.deepcopy(augment) if only is None else augment, mapping, bridge
+            self.anchor, copy.deepcopy(augment) if copies else augment, mapping, bridge
         )
         for p in self.composed.bridges.parameters():
             p.data.normal_(0, 0.02)
         self.optimizer = torch.optim.AdamW(self.composed.bridges.parameters(), lr=1e-4)
         self.lowest = min(b for _, _, b in self.composed.bridge_connections)
         self.augment_base = self.composed.augments[0]
-        with torch.no_grad():
-            self.states = [self.composed.augment_states(0, self.ids, self.mask, self.positions)]
+        if only in (None, "cached_step") and not lean:
+            with torch.no_grad():
+                self.states = [self.composed.augment_states(0, self.ids, self.mask, self.positions)]
         assert self.budget == self.composed.parameter_counts()["trainable"]
 
     # -------------------------------------------------------------- the lower bound
@@ -142,7 +168,7 @@ class Variants:
         handle = layers[self.lowest].register_forward_hook(lambda m, a, out: out.detach().requires_grad_())
         try:
             logits = self.anchor(input_ids=self.ids, attention_mask=self.mask).logits
-            loss_of(logits, self.ids).backward()
+            loss_of(logits, self.labels).backward()
         finally:
             handle.remove()
 
@@ -155,15 +181,24 @@ class Variants:
         self.anchor_fwd_bwd()
 
     # -------------------------------------------------------------- comm
-    def calm_step(self):
-        out = self.composed(self.ids, self.mask)
-        loss_of(out.logits, self.ids).backward()
+    def _step(self, **kwargs):
+        """One comm training step: the loss as comm-train computes it (the anchor's head only at
+        loss positions, in chunks), backward, AdamW over the bridges."""
+        out = self.composed(self.ids, self.mask, labels=self.labels, return_logits=False, **kwargs)
+        out.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def calm_step(self):
+        self._step()
+
     def cached_step(self):
-        out = self.composed(self.ids, self.mask, augment_states=self.states)
-        loss_of(out.logits, self.ids).backward()
+        self._step(augment_states=self.states)
+
+    def calm_step_full_logits(self):
+        """The same step computing every logit (comm before the chunked loss)."""
+        out = self.composed(self.ids, self.mask)
+        loss_of(out.logits, self.labels).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -187,8 +222,8 @@ class Variants:
 
     def lora_step(self):
         model, opt, _, _ = self.lora()
-        logits = model(input_ids=self.ids, attention_mask=self.mask).logits
-        loss_of(logits, self.ids).backward()
+        batch = {"input_ids": self.ids, "attention_mask": self.mask, "labels": self.labels}
+        batch_loss(model, batch, composed=False, reduction="mean").backward()  # as comm-train does
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -290,7 +325,7 @@ def sampled_peak_rss(fn) -> float:
     return max(peak[0], process.memory_info().rss) / 2**20
 
 
-def main():
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -302,9 +337,13 @@ def main():
     parser.add_argument("--augment-layers", type=int)
     parser.add_argument("--vocab", type=int)
     parser.add_argument("--every", type=int, default=4, help="mapping.every (the paper's default: 4)")
+    parser.add_argument("--connections", type=int, help="mapping.count (spread evenly) instead of --every")
     parser.add_argument("--bridge-heads", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument(
+        "--prompt-fraction", type=float, default=0.0, help="share of each row that is prompt (no loss)"
+    )
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2)
@@ -312,8 +351,28 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--case-vocab", type=int, default=128256, help="vocab of the prompt/completion case")
+    parser.add_argument("--case-prompt-fraction", type=float, default=0.7)
+    parser.add_argument("--no-prompt-case", action="store_true", help="skip the prompt/completion case")
+    parser.add_argument(
+        "--sweep", action="store_true", help="step time and memory against length and connections"
+    )
+    parser.add_argument("--sweep-seqs", default="256,512,1024,2048,4096")
+    parser.add_argument("--sweep-connections", default="1,2,4,8")
+    parser.add_argument(
+        "--sweep-seq", type=int, default=1024, help="sequence length of the connections sweep"
+    )
+    parser.add_argument("--sweep-batch", type=int, default=1)
+    parser.add_argument("--sweep-vocab", type=int, default=32000)
+    parser.add_argument("--sweep-repeats", type=int, default=3)
+    parser.add_argument("--sweep-out", default="bench_sweep.json")
+    parser.add_argument("--plot", default="bench_sweep.png", help="the sweep's picture (needs matplotlib)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -322,8 +381,72 @@ def main():
         variants = Variants(args, device, only=args.memory_child)
         print(sampled_peak_rss(lambda: [getattr(variants, args.memory_child)() for _ in range(3)]))
         return
-    variants = Variants(args, device)
+    if args.sweep:
+        from bench_sweep import run_sweep
 
+        run_sweep(args, device)
+        return
+    result = text_case(args, device)
+    if not args.no_prompt_case:
+        result["prompt_completion"] = prompt_case(args, device)
+        result["calm_step_over_full_logits_bound"] = result["prompt_completion"]["calm_step_over_lower_bound"]
+        result["peak_memory_over_full_logits"] = result["prompt_completion"]["peak_memory_over_full_logits"]
+    out = Path(args.out).resolve()
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(_table(result))
+    print(f"wrote {out}")
+
+
+def peak_memory(variants: Variants, names: list[str], overrides: list[str]) -> dict[str, float]:
+    """Peak memory (MiB) of each variant; on the CPU in child processes given ``overrides`` after
+    this process's own arguments (argparse keeps the last value of a repeated option)."""
+    if variants.args.no_memory:
+        return {}
+    if variants.device.type == "cuda":
+        return peak_memory_cuda(variants, names)
+    return {name: peak_rss_child(name, [*sys.argv[1:], *overrides]) for name in names}
+
+
+def case_overrides(**values) -> list[str]:
+    """Command-line options that rebuild a case: case_overrides(seq=512) -> ['--seq', '512']."""
+    return [item for key, value in values.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def build_case(args, overrides: list[str], device) -> tuple[argparse.Namespace, Variants]:
+    case = parse_args([*sys.argv[1:], *overrides])
+    return case, Variants(case, device, lean=True)
+
+
+def prompt_case(args, device) -> dict:
+    """Prompt/completion rows (70% prompt) at vocab 128256: comm's step against the bound that
+    computes every logit, and its peak memory against the same step computing every logit."""
+    overrides = case_overrides(vocab=args.case_vocab, prompt_fraction=args.case_prompt_fraction)
+    case, variants = build_case(args, overrides, device)
+    steps = {
+        "lower_bound": variants.lower_bound,
+        "calm_step": variants.calm_step,
+        "calm_step_full_logits": variants.calm_step_full_logits,
+    }
+    times = time_interleaved(steps, device, args.warmup, args.repeats)
+    memory = peak_memory(variants, ["calm_step", "calm_step_full_logits"], overrides)
+    return {
+        "calm_step_over_lower_bound": times["calm_step"] / times["lower_bound"],
+        "calm_step_full_logits_over_lower_bound": times["calm_step_full_logits"] / times["lower_bound"],
+        "peak_memory_over_full_logits": memory["calm_step"] / memory["calm_step_full_logits"]
+        if memory
+        else None,
+        "seconds": times,
+        "peak_memory_mib": memory,
+        "vocab": variants.vocab,
+        "prompt_fraction": case.prompt_fraction,
+        "loss_tokens_per_step": int((variants.labels[:, 1:] != -100).sum()),
+        "tokens_per_step": case.batch * case.seq,
+    }
+
+
+def text_case(args, device) -> dict:
+    """The default case (every token carries loss): the keys bench.json has always had."""
+    variants = Variants(args, device)
     variants.lora()
     steps = {
         "lower_bound": variants.lower_bound,
@@ -341,15 +464,7 @@ def main():
     }
     gen_times = time_interleaved(gen, device, 1, max(5, args.repeats // 2))
     per_token = {k: v / args.new_tokens for k, v in gen_times.items()}
-
-    memory = {}
-    if not args.no_memory:
-        names = ["calm_step", "lora_step", "cached_step", "lower_bound"]
-        if device.type == "cuda":
-            memory = peak_memory_cuda(variants, names)
-        else:
-            child_argv = [a for a in sys.argv[1:]]
-            memory = {name: peak_rss_child(name, child_argv) for name in names}
+    memory = peak_memory(variants, ["calm_step", "lora_step", "cached_step", "lower_bound"], [])
 
     tokens = args.batch * args.seq
     _, _, lora_rank, lora_params = variants.lora()
@@ -393,10 +508,7 @@ def main():
     }
     if device.type == "cuda":
         result["mfu"] = _mfu(variants, step_times["calm_step"], tokens)
-    out = Path(args.out).resolve()
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(_table(result))
-    print(f"wrote {out}")
+    return result
 
 
 def _mfu(variants, step_seconds, tokens) -> float:
@@ -418,9 +530,14 @@ def _table(result) -> str:
         ("generation / (anchor + augment)", result["generation_over_anchor_plus_augment"], "<= 1.15"),
         ("peak memory calm / lora", result["peak_memory_over_lora"], "<= 1.2"),
     ]
-    lines = [f"{'ratio':34s} {'measured':>9s}  target"]
+    if "prompt_completion" in result:
+        rows += [
+            ("prompt case: calm / full-logit bound", result["calm_step_over_full_logits_bound"], "<= 0.90"),
+            ("prompt case: peak mem / full logits", result["peak_memory_over_full_logits"], "<= 0.70"),
+        ]
+    lines = [f"{'ratio':38s} {'measured':>9s}  target"]
     for name, value, target in rows:
-        lines.append(f"{name:34s} {value if value is None else round(value, 3)!s:>9s}  {target}")
+        lines.append(f"{name:38s} {value if value is None else round(value, 3)!s:>9s}  {target}")
     lines.append("")
     for name, seconds in result["seconds"].items():
         lines.append(f"  {name:18s} {seconds * 1000:9.1f} ms")
@@ -428,6 +545,16 @@ def _table(result) -> str:
         lines.append(f"  {name:18s} {seconds * 1000:9.2f} ms/token")
     for name, mib in result["peak_memory_mib"].items():
         lines.append(f"  peak {name:13s} {mib:9.0f} MiB")
+    case = result.get("prompt_completion")
+    if case:
+        lines.append(
+            f"  prompt/completion case: vocab {case['vocab']}, {case['loss_tokens_per_step']} of "
+            f"{case['tokens_per_step']} tokens carry loss"
+        )
+        for name, seconds in case["seconds"].items():
+            lines.append(f"  {name:22s} {seconds * 1000:9.1f} ms")
+        for name, mib in case["peak_memory_mib"].items():
+            lines.append(f"  peak {name:21s} {mib:9.0f} MiB")
     lines.append(f"  device {result['device']}, {result['dtype']}, {result['threads']} threads")
     return "\n".join(lines)
 
