@@ -70,8 +70,11 @@ def run_sweep(args, device) -> dict:
         started = time.perf_counter()
         row = {"axis": axis, "value": value, **measure_point(args, device, overrides)}
         rows.append(row)
+        ms = {name: round(seconds * 1000) for name, seconds in row["seconds"].items()}
         print(
-            f"{axis}={value}: calm/bound {row['calm_over_bound']:.3f} ({time.perf_counter() - started:.0f} s)"
+            f"{axis}={value}: {ms} ms, calm/bound {row['calm_over_bound']:.3f}, peak "
+            f"{row['peak_memory_mib']} MiB ({time.perf_counter() - started:.0f} s)",
+            flush=True,
         )
     result = {
         "rows": rows,
