@@ -185,6 +185,39 @@ def test_a_build_killed_midway_leaves_nothing_that_looks_complete(tmp_path, monk
     assert not leftover.exists()
 
 
+def test_stale_partials_are_removed_also_when_the_cached_build_is_reused(copy_of):
+    """A killed build's .partial directory goes the next time the cache is used, even when
+    nothing is built; a running build (this process) and another host's build stay."""
+    import os
+    from types import SimpleNamespace
+
+    from comm_cli.experiments.kv_arithmetic import setup
+
+    root = copy_of()
+    leftovers = {
+        "dead, this host": f".{root.name}.partial-999999999-{ks._HOST}-1",
+        "dead, older name form": f".{root.name}.partial-999999998-2",
+        "running, this host": f".{root.name}.partial-{os.getpid()}-{ks._HOST}-3",
+        "another host": f".{root.name}.partial-999999997-elsewhere-4",
+    }
+    for name in leftovers.values():
+        (root.parent / name / "augment").mkdir(parents=True)
+    paths = ks.ensure_specialists(root, tiny(0))
+    assert not paths.built  # reused
+    left = {label for label, name in leftovers.items() if (root.parent / name).exists()}
+    assert left == {"running, this host", "another host"}
+
+    # comm-train / comm-eval reach a cached build through setup.prepare, which returns early
+    dead = root.parent / leftovers["dead, this host"]
+    dead.mkdir()
+    spec = SimpleNamespace(name_or_path=str(root / "anchor"))
+    cfg = SimpleNamespace(
+        kv=SimpleNamespace(dir=str(root), specialists=tiny(0), build=False), anchor=spec, augment=spec
+    )
+    setup.prepare(cfg)
+    assert not dead.exists()
+
+
 def test_a_directory_with_other_files_is_not_replaced(tmp_path):
     root = tmp_path / "mine"
     root.mkdir()

@@ -132,7 +132,11 @@ class ComposedModel(nn.Module):
         self.mask_mode = config.mask_mode
         self.anchor = anchor
         anchor_blocks = find_blocks(anchor, config.anchor.block_path)
-        self._anchor_layers = anchor_blocks.layers
+        # A plain list, not a registered submodule: registered, the anchor's layers would appear
+        # twice in state_dict() (as anchor.* and _anchor_layers.*), and tools that drop frozen
+        # weights by parameter name (DeepSpeed's exclude_frozen_parameters, DCP's
+        # ignore_frozen_params) would keep the second copy.
+        self._anchor_layers = list(anchor_blocks.layers)
         anchor_depth = len(anchor_blocks.layers)
         anchor_dim = hidden_size(anchor.config)
         self._anchor_cache_kw = _cache_kwarg(anchor)

@@ -9,7 +9,7 @@ at every step: slow, but the reference the cached path must match.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,11 +75,14 @@ def generate(
     output_scores: bool = False,
     return_dict: bool = False,
     prompts: Sequence[str] | None = None,
+    stopping: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor | GenerationOutput:
     """Generate up to ``max_new_tokens`` after each prompt row.
 
     Rows stop at an ``eos_token_id`` (int or list) and are then filled with ``pad_token_id``.
-    Right-padded prompts are moved to left padding first. Returns the sequences (prompt +
+    ``stopping(sequences, prompt_length)`` -> bool (batch,) marks further rows as done after each
+    step (e.g. a stop string has appeared in their text; evaluation uses it). Right-padded prompts
+    are moved to left padding first. Returns the sequences (prompt +
     new tokens), or a GenerationOutput with ``return_dict=True``.
 
     A composition with an augmenting model that has its own tokenizer also needs the prompt
@@ -148,6 +151,8 @@ def generate(
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             if eos_tensor is not None:
                 unfinished = unfinished & ~torch.isin(next_tokens, eos_tensor)
+            if stopping is not None:
+                unfinished = unfinished & ~stopping(sequences, prompt_length).to(unfinished.device)
             if step == max_new_tokens - 1 or not bool(unfinished.any()):
                 break
             if feed is not None:

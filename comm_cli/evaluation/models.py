@@ -52,10 +52,12 @@ class EvalModel:
         eos_token_id,
         pad_token_id,
         generator,
+        stopping=None,
         prompts=None,
     ):
-        """New tokens (batch, <= max_new_tokens) after left-padded prompts (``prompts``: their
-        texts, which a composition with an augment of its own tokenizer reads)."""
+        """New tokens (batch, <= max_new_tokens) after left-padded prompts. ``stopping`` (a
+        ``StopStrings``) ends a row once a stop string appears in its new text; ``prompts`` are
+        the prompt texts, which a composition with an augment of its own tokenizer reads."""
         kwargs = dict(
             max_new_tokens=max_new_tokens,
             do_sample=generation.do_sample,
@@ -66,11 +68,17 @@ class EvalModel:
             kwargs.update(temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p)
         if isinstance(self.model, ComposedModel):
             out = self.model.generate(
-                input_ids, attention_mask, generator=generator, prompts=prompts, **kwargs
+                input_ids, attention_mask, generator=generator, stopping=stopping, prompts=prompts, **kwargs
             )
         else:
             if generation.do_sample:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            if stopping is not None:
+                from transformers import StoppingCriteriaList
+
+                kwargs["stopping_criteria"] = StoppingCriteriaList(
+                    [stopping.for_transformers(input_ids.shape[1])]
+                )
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -35,7 +35,8 @@ from comm_cli.experiments.jobs import Job, Runner, eval_job, train_job
 SYSTEMS = ("m_A alone", "m_B alone", "LoRA on m_B", "CALM", "CALM, random m_A")
 COLUMNS = ("kv_arithmetic_heldout", "kv_substitution_heldout", "numeric_arithmetic", "key_lookup")
 TRAIN_KEYS = "kv_arithmetic_train_keys"
-FAST_TRAIN = ["experiment=kv_smoke", "trainer.max_steps=4"]
+# the tiny sizes of conf/size/tiny.yaml (what experiment=kv_smoke uses), for any kv experiment
+FAST_TRAIN = ["+size=tiny", "trainer.max_steps=4"]
 FAST_EVAL = ["generation.batch_size=16"]
 
 
@@ -66,15 +67,16 @@ def prepare_specialists(overrides: list[str]) -> tuple[Path, dict]:
 def random_augment(root: Path, kv_dir: Path, seed: int) -> Path:
     """An augment of the specialist's exact shape with random weights (the paper's control)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
+    from comm_cli.compose.blocks import is_encoder
     from comm_cli.training.models import load_tokenizer
 
     target = root / "random_augment"
     if not (target / "config.json").is_file():
         config = AutoConfig.from_pretrained(kv_dir / "augment")
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = (AutoModelForMaskedLM if is_encoder(config) else AutoModelForCausalLM).from_config(config)
         tmp = root / ".random_augment.tmp"
         model.save_pretrained(tmp)
         load_tokenizer(str(kv_dir / "augment")).save_pretrained(tmp)
@@ -86,6 +88,36 @@ def exact_matches(root: Path, name: str, variant: str | None = None) -> dict[str
     rows = json.loads((root / f"eval_{name}" / "results.json").read_text())["results"]
     return {
         r["task"]: r["value"] for r in rows if r["metric"] == "exact_match" and r.get("variant") == variant
+    }
+
+
+def value_errors(eval_dir: Path, kv_dir: Path) -> dict[str, dict[str, float]]:
+    """Where a composition fails, by the value it had to carry: for each value, how many of the
+    composition keys hold it (what the bridges trained on) and the fraction of held-out key slots
+    with that value that the substitution got wrong (``kv_substitution_heldout`` predictions)."""
+    from comm_cli.experiments.kv_arithmetic.world import KVWorld
+
+    world = KVWorld.load(kv_dir / "world.json")
+    training = {v: 0 for v in range(world.num_values)}
+    for key in world.composition_keys:
+        training[world.values[key]] += 1
+    slots = {v: [0, 0] for v in range(world.num_values)}  # value -> [wrong, total]
+    for line in (eval_dir / "predictions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["task"] != "kv_substitution_heldout" or "(" in row["model"]:
+            continue
+        keys = [
+            row["prompt"][i : i + world.key_length]
+            for i in range(0, len(row["prompt"]) - 1, world.key_length + 1)
+        ]
+        digits = [c for c in str(row["prediction"]).split("=")[0] if c.isdigit()]
+        for i, key in enumerate(keys):
+            value = world.values[key]
+            slots[value][1] += 1
+            slots[value][0] += not (i < len(digits) and digits[i] == str(value))
+    return {
+        str(v): {"composition_keys": training[v], "error": slots[v][0] / max(1, slots[v][1])}
+        for v in range(world.num_values)
     }
 
 
@@ -104,6 +136,8 @@ class KVTable:
     eval_overrides: list[str] = field(default_factory=list)
     fast: bool = False
     prefix: str = ""
+    # False for an encoder augment: it cannot write text, so "m_A alone" has no generations to score
+    augment_generates: bool = True
     lora_loss: dict[str, float] = field(default_factory=dict)
 
     def key(self, name: str) -> str:
@@ -175,7 +209,10 @@ class KVTable:
                     key=key(f"lora_lr{lr}"),
                 )
             )
-        jobs.append(eval_job("m_A", root, base + ["model=augment", "checkpoint=null"], key=key("eval_m_A")))
+        if self.augment_generates:
+            jobs.append(
+                eval_job("m_A", root, base + ["model=augment", "checkpoint=null"], key=key("eval_m_A"))
+            )
         jobs.append(eval_job("m_B", root, base + ["model=anchor", "checkpoint=null"], key=key("eval_m_B")))
         jobs.append(
             eval_job(
@@ -201,7 +238,7 @@ class KVTable:
 
         calm = self.calm_name(self.calm_seeds[0])
         results = {
-            "m_A alone": exact_matches(root, "m_A"),
+            "m_A alone": exact_matches(root, "m_A") if self.augment_generates else {},
             "m_B alone": exact_matches(root, "m_B"),
             "LoRA on m_B": exact_matches(root, "lora"),
             "CALM": exact_matches(root, calm),
@@ -229,6 +266,7 @@ class KVTable:
                     TRAIN_KEYS: on.get(TRAIN_KEYS),
                     "numeric_arithmetic_bridges_off": off.get("numeric_arithmetic"),
                     "val_loss": summary(name)["metrics"].get("val/loss"),
+                    "value_errors": value_errors(root / f"eval_{name}", self.kv_dir),
                 }
             )
         return {
@@ -247,7 +285,11 @@ class KVTable:
 def format_table(rows: list[dict]) -> str:
     header = ["system", *COLUMNS, "trainable_params"]
     lines = [header] + [
-        [row["system"], *(f"{100 * row[c]:.1f}%" for c in COLUMNS), f"{row['trainable_params']:,}"]
+        [
+            row["system"],
+            *("n/a" if row[c] is None else f"{100 * row[c]:.1f}%" for c in COLUMNS),
+            f"{row['trainable_params']:,}",
+        ]
         for row in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -269,11 +311,21 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_root: str) -> 
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--logger", default="none", help="tracker of every run (wandb, tensorboard, none)")
+    parser.add_argument(
+        "--experiment",
+        default="kv_arithmetic",
+        help="kv_arithmetic, kv_arithmetic_cross_tokenizer (BPE anchor) or kv_arithmetic_encoder (encoder augment)",
+    )
 
 
 def base_overrides(args, specialist_seed: int) -> tuple[list[str], list[str]]:
     """(comm-train overrides, comm-eval overrides without kv.dir) shared by every run of a table."""
-    train = [f"logger={args.logger}", "trainer.progress_bar=false", f"kv.specialists.seed={specialist_seed}"]
+    train = [
+        f"experiment={args.experiment}",
+        f"logger={args.logger}",
+        "trainer.progress_bar=false",
+        f"kv.specialists.seed={specialist_seed}",
+    ]
     train += FAST_TRAIN if args.fast else []
     evaluation = [f"logger={args.logger}"] + (FAST_EVAL if args.fast else [])
     if args.fast:
@@ -294,13 +346,17 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     train, evaluation = base_overrides(args, args.seed)
-    print(f"[demo] specialist seed {args.seed}, CALM training seed {args.calm_seed}", flush=True)
-    kv_dir, _ = prepare_specialists(train)
+    print(
+        f"[demo] {args.experiment}: specialist seed {args.seed}, CALM training seed {args.calm_seed}",
+        flush=True,
+    )
+    kv_dir, manifest = prepare_specialists(train)
     print(f"[demo] specialists ready in {kv_dir} ({time.perf_counter() - start:.0f} s)", flush=True)
 
     table = KVTable(
         root=root,
         kv_dir=kv_dir,
+        augment_generates=manifest["settings"]["augment"].get("kind", "causal") != "encoder",
         calm_seeds=(args.calm_seed,),
         lora_lrs=tuple(args.lora_lrs.split(",")),
         lora_steps=args.lora_steps,
@@ -317,6 +373,7 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     result.update(
         {
+            "experiment": args.experiment,
             "specialist_seed": args.seed,
             "calm_seed": args.calm_seed,
             "kv_dir": str(kv_dir),

@@ -68,10 +68,12 @@ def summarise(tables: dict[int, dict], manifests: dict[int, dict]) -> dict:
                     "numeric_arithmetic": run["numeric_arithmetic"],
                     "numeric_arithmetic_anchor": anchor_alone,
                     "val_loss": run["val_loss"],
+                    "value_errors": run.get("value_errors"),
                 }
             )
         for name in CONTROLS:
-            controls[name].append({"specialist_seed": spec_seed, HELDOUT: by_system[name][HELDOUT]})
+            if by_system[name][HELDOUT] is not None:  # None: an encoder augment writes no text
+                controls[name].append({"specialist_seed": spec_seed, HELDOUT: by_system[name][HELDOUT]})
         manifest = manifests[spec_seed]
         specialists.append(
             {
@@ -83,13 +85,23 @@ def summarise(tables: dict[int, dict], manifests: dict[int, dict]) -> dict:
             }
         )
     skill_gaps = [abs(r["numeric_arithmetic"] - r["numeric_arithmetic_anchor"]) for r in runs]
+    by_count: dict[int, list[float]] = {}
+    for r in runs:
+        for cell in (r.get("value_errors") or {}).values():
+            by_count.setdefault(cell["composition_keys"], []).append(cell["error"])
     return {
         "runs": runs,
         "calm_heldout": stats([r[HELDOUT] for r in runs]),
         "controls": {
-            name: {"runs": rows, **stats([r[HELDOUT] for r in rows])} for name, rows in controls.items()
+            name: {"runs": rows, **stats([r[HELDOUT] for r in rows])}
+            for name, rows in controls.items()
+            if rows
         },
         "anchor_skill_max_abs_change": max(skill_gaps),
+        # held-out slot error of a value against how many composition keys hold it, over all runs
+        "error_by_composition_keys_per_value": {
+            n: statistics.fmean(errors) for n, errors in sorted(by_count.items())
+        },
         "specialists": specialists,
     }
 
@@ -115,6 +127,13 @@ def format_report(summary: dict) -> str:
         f"anchor's numeric arithmetic, bridges on vs the anchor alone: largest change "
         f"{100 * summary['anchor_skill_max_abs_change']:.1f} points"
     )
+    if summary.get("error_by_composition_keys_per_value"):
+        lines.append(
+            "held-out substitution error of a value, by how many composition keys hold it: "
+            + ", ".join(
+                f"{n} keys {pct(e)}" for n, e in summary["error_by_composition_keys_per_value"].items()
+            )
+        )
     lines.append("specialists: " + "  ".join(f"{m}.{k}" for m, k in SPECIALIST_METRICS))
     for row in summary["specialists"]:
         values = "  ".join(pct(row[f"{m}.{k}"]) for m, k in SPECIALIST_METRICS)
@@ -129,6 +148,11 @@ def main() -> None:
     add_common_arguments(parser, "outputs/kv_seeds")
     parser.add_argument("--specialist-seeds", default="0,1,2")
     parser.add_argument("--calm-seeds", default="0,1")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="read the finished runs under --output-root again; train nothing",
+    )
     args = parser.parse_args()
     specialist_seeds = [int(s) for s in args.specialist_seeds.split(",")]
     calm_seeds = tuple(int(s) for s in args.calm_seeds.split(","))
@@ -145,6 +169,7 @@ def main() -> None:
         table = KVTable(
             root=root / f"specialists_seed{spec_seed}",
             kv_dir=kv_dir,
+            augment_generates=manifests[spec_seed]["settings"]["augment"].get("kind", "causal") != "encoder",
             calm_seeds=calm_seeds,
             lora_lrs=tuple(args.lora_lrs.split(",")),
             lora_steps=args.lora_steps,
@@ -154,7 +179,8 @@ def main() -> None:
             prefix=f"s{spec_seed}/",
         )
         tables[spec_seed] = table
-        jobs += table.jobs()
+        if not args.report_only:
+            jobs += table.jobs()
     runner = Runner(root / "logs", args.workers, args.threads)
     runner.run(jobs)
     summary = summarise({s: t.collect() for s, t in tables.items()}, manifests)
