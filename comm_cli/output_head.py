@@ -88,6 +88,16 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _sharded(weight: torch.Tensor) -> bool:
+    """A DTensor (FSDP2 outside its module's forward, tensor parallelism) or a DeepSpeed ZeRO-3
+    partitioned parameter: not a whole matrix that a matmul here could use."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        DTensor = ()  # noqa: N806
+    return isinstance(weight, DTensor) or hasattr(weight, "ds_id")
+
+
 def knows_head(model: nn.Module) -> bool:
     """Whether this causal LM's forward computes its logits from its base model's last hidden
     state as described here (so the head can be applied, or positions selected, outside it)."""
@@ -104,7 +114,7 @@ def output_head(model: nn.Module) -> OutputHead | None:
         return None
     linear = model.get_output_embeddings()
     weight = getattr(linear, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0 or _sharded(weight):
         return None
     config = model.config
     model_type = config.model_type

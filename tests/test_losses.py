@@ -324,3 +324,22 @@ def test_library_backends_receive_the_head_extras(monkeypatch, library, scale, s
     got = linear_ce.backend_function(library)(hidden, head, targets)
     torch.testing.assert_close(got, torch_linear_cross_entropy(hidden, head, targets), **TOL)
     assert calls[-1]["softcap"] == softcap and calls[-1]["reduction"] == "sum"
+
+
+def test_a_partitioned_head_weight_falls_back_to_the_models_own_head():
+    """DeepSpeed ZeRO-3 (or FSDP2 outside a module's forward) leaves a weight comm cannot multiply
+    by: the composition then asks the anchor for its logits at the loss positions instead."""
+    composed = composition("llama")
+    batch = prompt_completion_batch(seed=9)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    expected = reference_loss(composed(**inputs).logits, batch["labels"])
+    composed.anchor.get_output_embeddings().weight.ds_id = 7  # how ZeRO-3 marks a partitioned parameter
+    assert output_head(composed.anchor) is None
+    seen = []
+    handle = composed.anchor.get_output_embeddings().register_forward_hook(
+        lambda m, a, out: seen.append(out.shape)
+    )
+    loss = composed(**inputs, labels=batch["labels"], return_logits=False, loss_reduction="sum").loss
+    handle.remove()
+    assert seen == [(int(loss_mask(batch["labels"]).sum()), VOCAB)]
+    torch.testing.assert_close(loss, expected, **TOL)
