@@ -212,9 +212,18 @@ FAKE_SRUN = """#!/usr/bin/env bash
 # srun on one machine: drop srun's options, start the command once per "node" with its ids.
 while [[ "$1" == --* ]]; do shift; done
 pids=()
+# Node 0 first, and the others once its rendezvous store listens: on one host a later node could
+# otherwise bind the port first, and node 0's launcher refuses a port in use (real nodes are
+# separate hosts, so this ordering is only needed here).
 for ((node = 0; node < SLURM_NNODES; node++)); do
   SLURM_NODEID=$node SLURM_PROCID=$node "$@" &
   pids+=($!)
+  if ((node == 0)); then
+    for ((i = 0; i < 1200; i++)); do
+      (echo > "/dev/tcp/127.0.0.1/$MASTER_PORT") 2>/dev/null && break
+      sleep 0.1
+    done
+  fi
 done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done

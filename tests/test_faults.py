@@ -366,3 +366,29 @@ def test_chaos_script_three_cycles(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["survived"] and report["checkpoints_found_broken"] == 0
     assert report["kills"] >= 1 and report["max_abs_diff"] <= 1e-6
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Pruning an old checkpoint that is cut short (a kill inside the deletion) must not leave a
+    step directory with files missing: the chaos script counts that as a broken checkpoint."""
+    import comm_cli.training.checkpoint as ckpt
+
+    run_dir = tmp_path / "run"
+    for step in (1, 2, 3):
+        path = ckpt.checkpoint_dir(run_dir, step)
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"weights")
+        (path / ckpt.TRAINER_STATE).write_text("{}")
+
+    def killed_half_way(path, ignore_errors=False):
+        next(p for p in Path(path).iterdir() if p.name != ckpt.TRAINER_STATE).unlink()
+        raise KeyboardInterrupt  # stands in for the SIGKILL: the rest is never deleted
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.prune_checkpoints(run_dir, keep_last=1)
+    monkeypatch.undo()
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step_00000002", "step_00000003"]
+    assert all((p / "model.safetensors").is_file() for p in complete_checkpoints(run_dir))
+    ckpt.remove_partial_checkpoints(run_dir)  # what the next start does
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]

@@ -258,3 +258,44 @@ def test_script_prints_the_table_and_reuses(built, copy_of, capsys):
     (root / "manifest.json").unlink()
     assert script.main(["--out-dir", str(root), "--fast", "--quiet"]) == 1
     assert "other files" in capsys.readouterr().err
+
+
+def test_build_workers_die_with_the_build(tmp_path):
+    """SIGKILL to a build leaves no worker training on, orphaned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys; sys.path.insert(0, {!r})\n"
+        "from comm_cli.experiments.kv_arithmetic import specialists as ks\n"
+        "s = ks.SpecialistSettings.tiny(0); s.augment.steps = s.anchor.steps = 100000\n"
+        "ks.build_specialists({!r}, s)\n"
+    ).format(str(Path(__file__).resolve().parents[1]), str(tmp_path / "build"))
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    children: list[int] = []
+    while time.time() < deadline and len(children) < 2:
+        time.sleep(1)
+        out = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout.split()
+        children = [int(p) for p in out if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(children) == 2, "the build did not start its two workers"
+    time.sleep(3)  # let the workers set their parent-death signal
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+
+    def running(pid: int) -> bool:  # gone, or a zombie nobody reaped yet, counts as ended
+        try:
+            state = next(
+                x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("State")
+            )
+        except (FileNotFoundError, StopIteration):
+            return False
+        return "Z" not in state.split()[1]
+
+    deadline = time.time() + 30
+    while time.time() < deadline and any(running(c) for c in children):
+        time.sleep(0.5)
+    assert not any(running(c) for c in children)

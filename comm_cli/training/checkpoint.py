@@ -176,18 +176,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
-    """Drop ``.tmp-*`` directories a killed run left behind (main process only)."""
+    """Drop the ``.tmp-*`` (half-written) and ``.pruned-*`` (half-deleted) directories a killed
+    run left behind (main process only)."""
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
-        for path in root.glob(".tmp-*"):
-            shutil.rmtree(path, ignore_errors=True)
+        for pattern in (".tmp-*", ".pruned-*"):
+            for path in root.glob(pattern):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     if keep_last < 1:
         return
     for path in complete_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        # Renamed first (atomic), then deleted: a kill during the deletion leaves a
+        # ``.pruned-*`` directory the next start removes, never a step directory with files missing.
+        doomed = path.with_name(f".pruned-{path.name}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def lock_run_dir(run_dir: Path):

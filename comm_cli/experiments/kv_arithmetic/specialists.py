@@ -266,7 +266,12 @@ def _build_into(root: Path, settings: SpecialistSettings) -> dict:
         from concurrent.futures import ProcessPoolExecutor
 
         # spawn: a fresh interpreter per specialist, whatever threads this process has started
-        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            max_workers=2,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             futures = [pool.submit(_train_and_save, name, str(root), settings.to_dict()) for name in names]
             models = dict(zip(names, (future.result() for future in futures)))
     else:
@@ -283,6 +288,21 @@ def _build_into(root: Path, settings: SpecialistSettings) -> dict:
         "augment": models["augment"],
         "anchor": models["anchor"],
     }
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A build worker ends when the process that started it is killed (Linux: the kernel sends
+    it SIGTERM), instead of training on, orphaned, into a directory nobody will install. A
+    parent that died while this worker was still starting is caught by the pid check."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def _train_and_save(name: str, root: str, settings_dict: dict) -> dict:
