@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # A CPU build of torch from local disk here; override for CUDA, e.g. make install TORCH_SPEC='torch>=2.4'
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# `make test` spreads test files over this many pytest-xdist workers (one thread each); 0 runs them
+# in pytest's own process.
+TEST_WORKERS ?= 2
 
 .PHONY: install install-deepspeed test test-fast lint format clean demo demo-seeds demo-cross demo-encoder bench bench-sweep
 
@@ -23,10 +26,10 @@ install-deepspeed: install
 	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.15"
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 # The paper's key-value arithmetic experiment end to end (specialists, CALM, controls, table).
 demo: install

@@ -14,8 +14,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # COMM_TEST_THREADS=1 keeps tests quick on a machine that other jobs keep busy (OpenMP threads
-# that wait for a busy core spin).
-torch.set_num_threads(int(os.environ.get("COMM_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
+# that wait for a busy core spin). Under pytest-xdist (`make test` runs one worker per core) each
+# worker takes one thread, so the workers do not fight over the cores.
+_DEFAULT_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("COMM_TEST_THREADS", _DEFAULT_THREADS)))
 
 VOCAB = 64
 

@@ -230,7 +230,7 @@ def test_a_balanced_split_gives_every_value_the_same_share_of_composition_keys()
     import collections
 
     for seed in range(3):
-        plain, balanced = kv.KVWorld.create(seed=seed), kv.KVWorld.create(seed=seed, balanced=True)
+        plain, balanced = kv.KVWorld.create(seed=seed, balanced=False), kv.KVWorld.create(seed=seed)
         assert plain.values == balanced.values  # the same keys and values, another split
         counts = collections.Counter(balanced.values[k] for k in balanced.composition_keys)
         assert set(counts.values()) == {10} and len(balanced.composition_keys) == 100

@@ -17,7 +17,7 @@ for several specialist seeds and training seeds (`make demo-seeds`).
 
     make demo                                          # the experiment (scripts/kv_demo.py)
     python scripts/kv_demo.py --seed 1                 # specialists built from seed 1
-    python scripts/kv_demo.py --lora-steps 1500        # LoRA with CALM's full step budget
+    python scripts/kv_demo.py --lora-steps 2500        # LoRA with CALM's full step budget
     python scripts/kv_demo.py --fast --output-root /tmp/demo    # tiny sizes: the plumbing only
 """
 
@@ -306,7 +306,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_root: str) -> 
     parser.add_argument("--fast", action="store_true", help="tiny sizes, a few steps (checks the pipeline)")
     parser.add_argument("--lora-lrs", default="1e-3,3e-3,1e-2", help="LoRA learning-rate sweep")
     parser.add_argument(
-        "--lora-steps", type=int, default=300, help="steps of each LoRA sweep run (CALM's budget: 1500)"
+        "--lora-steps", type=int, default=300, help="steps of each LoRA sweep run (CALM's budget: 2500)"
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")

@@ -38,7 +38,7 @@ class KVWorld:
         key_length: int = 3,
         num_values: int = 10,
         composition_fraction: float = 0.2,
-        balanced: bool = False,
+        balanced: bool = True,
     ) -> KVWorld:
         """Draw ``num_keys`` distinct random lowercase keys with values in ``[0, num_values)``
         and put ``round(composition_fraction * num_keys)`` of them in the composition split.
@@ -46,7 +46,8 @@ class KVWorld:
         ``balanced``: the composition keys hold every value equally often (as nearly as the
         counts allow). A plain random split of 100 keys can leave a value with 4 keys; the
         bridges then see that value too rarely to learn to carry it, and the held-out keys with it
-        fail (README, "what decided it")."""
+        fail (README, "what decided it"). False: a plain random split (the recipe before
+        RECIPE_VERSION 2's ``balanced_split``)."""
         if num_keys > 26**key_length:
             raise DataError(
                 f"cannot draw {num_keys} distinct keys of length {key_length}: use longer keys or fewer keys"
