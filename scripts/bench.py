@@ -23,6 +23,17 @@ Every token carries loss there (text). A second case is prompt/completion data a
 and reports calm_step / lower_bound (calm_step_over_full_logits_bound) and the peak memory of
 calm_step against calm_step_full_logits (peak_memory_over_full_logits).
 
+A third case measures the character alignment (comm_cli/compose/alignment.py) on the same
+models (vocab = a byte-level BPE trained in-process on random text; batches from comm-train's
+own tokenize_split + CompletionCollator), over one set of frozen weights and bridges:
+
+  shared_step / _generate   the augment reads the anchor's ids (the plain path)
+  aligned_step / _generate  the augment reads its own tokens through the alignment, with the
+                            same tokenizer (tokens="aligned"): only the alignment differs
+  cross_step / _generate    the augment reads characters (information: more augment tokens)
+
+and reports aligned_step / shared_step (aligned_step_over_shared_step) and decoding per token.
+
 Peak memory per variant: torch.cuda.max_memory_allocated on a GPU; on the CPU the peak RSS of a
 fresh child process that runs only that variant (RSS cannot be reset within one process).
 
@@ -39,10 +50,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import itertools
 import json
 import os
 import platform
+import random
 import statistics
+import string
 import subprocess
 import sys
 import time
@@ -355,6 +370,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--case-prompt-fraction", type=float, default=0.7)
     parser.add_argument("--no-prompt-case", action="store_true", help="skip the prompt/completion case")
     parser.add_argument(
+        "--no-aligned-case", action="store_true", help="skip the aligned-tokens (character alignment) case"
+    )
+    parser.add_argument(
         "--sweep", action="store_true", help="step time and memory against length and connections"
     )
     parser.add_argument("--sweep-seqs", default="256,512,1024,2048,4096")
@@ -391,6 +409,9 @@ def main():
         result["prompt_completion"] = prompt_case(args, device)
         result["calm_step_over_full_logits_bound"] = result["prompt_completion"]["calm_step_over_lower_bound"]
         result["peak_memory_over_full_logits"] = result["prompt_completion"]["peak_memory_over_full_logits"]
+    if not args.no_aligned_case:
+        result["aligned"] = aligned_case(args, device)
+        result["aligned_step_over_shared_step"] = result["aligned"]["aligned_step_over_shared_step"]
     out = Path(args.out).resolve()
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(_table(result))
@@ -441,6 +462,244 @@ def prompt_case(args, device) -> dict:
         "prompt_fraction": case.prompt_fraction,
         "loss_tokens_per_step": int((variants.labels[:, 1:] != -100).sum()),
         "tokens_per_step": case.batch * case.seq,
+    }
+
+
+# ---------------------------------------------------------------------------- the aligned case
+# Llama 3 / Qwen2's pre-tokenizer split (contractions, letter runs, 1-3 digit groups, lookaheads).
+SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+class BenchText:
+    """Random text over the character tokenizer's alphabet (a-z, digits, ``+-=;``, space,
+    newline): words of a random lexicon drawn with Zipf frequencies, some numbers, operators and
+    newlines, so that a byte-level BPE trained on it merges letters into multi-character tokens."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.rng = random.Random(seed)
+        letters = string.ascii_lowercase
+        self.words = ["".join(self.rng.choices(letters, k=self.rng.randint(1, 8))) for _ in range(size)]
+        self.cumulative = list(itertools.accumulate(1.0 / (rank + 1) for rank in range(size)))
+
+    def text(self, chars: int) -> str:
+        pieces, length = [], 0
+        while length < chars:
+            draw = self.rng.random()
+            if draw < 0.05:
+                piece = str(self.rng.randint(0, 9999))
+            elif draw < 0.08:
+                piece = self.rng.choice("+-=;")
+            else:
+                piece = self.rng.choices(self.words, cum_weights=self.cumulative)[0]
+            piece += "\n" if self.rng.random() < 0.03 else " "
+            pieces.append(piece)
+            length += len(piece)
+        return "".join(pieces)
+
+    def corpus(self) -> list[str]:
+        """Every lexicon word once, then running text: what the bench's tokenizer is trained on."""
+        rows = [" ".join(self.words[i : i + 100]) for i in range(0, len(self.words), 100)]
+        return rows + [self.text(2000) for _ in range(50)]
+
+
+def bench_tokenizer(corpus: list[str], vocab_size: int):
+    """A byte-level BPE with Llama 3's split regex trained on ``corpus`` (built in-process,
+    nothing downloaded), ``<s>`` prepended by its template; ``<pad>``, ``<s>``, ``</s>``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False
+    )
+    backend.train_from_iterator(corpus, trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def cut_to_tokens(tokenizer, text: str, count: int) -> str:
+    """The start of ``text`` that holds its first ``count`` tokens."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if len(offsets) < count:
+        raise ValueError(f"text of {len(offsets)} tokens, {count} needed")
+    return text[: offsets[count - 1][1]]
+
+
+def to_device(batch: dict, device) -> dict:
+    """A collated batch (tensors, and ``augment_inputs``: a list of dicts of tensors or None)."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.to(device)
+        elif isinstance(value, list):
+            out[key] = [None if v is None else {k: t.to(device) for k, t in v.items()} for v in value]
+        else:
+            out[key] = value
+    return out
+
+
+class AlignedVariants:
+    """One composition (the default preset's models, vocab = the bench tokenizer's) read three
+    ways over the SAME frozen weights and bridges, with batches built by comm-train's own data
+    pipeline (``tokenize_split`` with the composition's ReadPlan, then ``CompletionCollator``):
+
+    - shared:  the augment reads the anchor's ids (the plain path, masks by column);
+    - aligned: the augment has the same tokenizer but reads its own tokens through the character
+      alignment (``AugmentSpec.tokens="aligned"``): masks from settle points and token ends,
+      positions on the character scale. The only difference from shared is the alignment;
+    - cross:   the augment reads characters (comm's character tokenizer) while the anchor reads
+      BPE: several augment tokens per anchor token, so more augment compute (information only).
+    """
+
+    PATHS = ("shared", "aligned", "cross")
+
+    def __init__(self, args, device):
+        import datasets
+
+        from comm_cli.compose.alignment import check_settle_rule
+        from comm_cli.data.char_tokenizer import build_char_tokenizer
+        from comm_cli.data.collate import CompletionCollator
+        from comm_cli.data.loading import DataConfig
+        from comm_cli.data.tokenize import tokenize_split
+        from comm_cli.training.models import augment_pad_ids
+
+        self.args, self.device = args, device
+        target_vocab = args.vocab or PRESETS[args.preset]["vocab"]
+        source = BenchText(target_vocab)
+        self.tokenizer = tokenizer = bench_tokenizer(source.corpus(), target_vocab)
+        chars = build_char_tokenizer()
+        # rows of about --seq anchor tokens: bos + (seq - 2) text tokens + eos
+        texts = [
+            cut_to_tokens(tokenizer, source.text(12 * args.seq), args.seq - 2) for _ in range(args.batch)
+        ]
+        self.prompt = cut_to_tokens(tokenizer, source.text(12 * args.prompt), args.prompt - 1)
+
+        case = parse_args([*sys.argv[1:], *case_overrides(vocab=len(tokenizer))])
+        base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        anchor, augment = build_models(case, base_dtype, device)
+        mapping = MappingSpec(count=args.connections) if args.connections else MappingSpec(every=args.every)
+        self.composed = ComposedModel.from_models(
+            anchor, augment, mapping, BridgeConfig(num_heads=args.bridge_heads, zero_init_output=False)
+        )
+        for p in self.composed.bridges.parameters():
+            p.data.normal_(0, 0.02)
+        self.optimizer = torch.optim.AdamW(self.composed.bridges.parameters(), lr=1e-4)
+
+        # how comm decides the readers: use_tokenizers (tokens="aligned" forces the aligned path)
+        self.plans = {"shared": None}
+        spec = self.composed.config.augments[0]
+        for path, augment_tokenizer, tokens in (("aligned", tokenizer, "aligned"), ("cross", chars, "auto")):
+            spec.tokens = tokens
+            self.composed.use_tokenizers(tokenizer, [augment_tokenizer], texts)
+            self.plans[path] = plan = self.composed.read_plan()
+            assert plan is not None, path
+            check_settle_rule(plan.augment_readers[0], texts[:2])  # as comm-train does at start-up
+
+        # comm-train's pipeline: tokenize_split (with the plan) -> CompletionCollator
+        datasets.disable_progress_bars()
+        dataset = datasets.Dataset.from_dict({"text": texts})
+        data = DataConfig(format="text", max_length=args.seq)
+        self.batches = {}
+        for path, plan in self.plans.items():
+            split, _ = tokenize_split(dataset, tokenizer, data, split_name=f"bench {path}", plan=plan)
+            collate = CompletionCollator(
+                tokenizer.pad_token_id, padding_side="right", augment_pad_ids=augment_pad_ids(plan)
+            )
+            self.batches[path] = to_device(collate([split[i] for i in range(len(split))]), device)
+        for path in ("aligned", "cross"):  # the anchor reads the same ids on every path
+            assert torch.equal(self.batches[path]["input_ids"], self.batches["shared"]["input_ids"])
+        self.prompt_ids = torch.tensor([tokenizer(self.prompt)["input_ids"]], device=device)
+        self.generated: dict[str, torch.Tensor] = {}
+
+    def tokens_per_row(self, path: str) -> dict[str, float]:
+        batch = self.batches[path]
+        anchor = batch["attention_mask"].sum(1).float().mean().item()
+        inputs = batch.get("augment_inputs")
+        augment = inputs[0]["attention_mask"].sum(1).float().mean().item() if inputs else anchor
+        return {"anchor": anchor, "augment": augment}
+
+    def _use(self, path: str) -> None:
+        """Attach the path's readers (generation reads them; a training forward reads its batch)."""
+        plan = self.plans[path]
+        if plan is None:
+            self.composed.set_readers(self.tokenizer, None, [None])
+        else:
+            self.composed.set_readers(self.tokenizer, plan.anchor_reader, plan.augment_readers)
+
+    def _step(self, path: str):
+        """One comm-train step on the path's batch: batch_loss, backward, AdamW over the bridges."""
+        batch_loss(self.composed, self.batches[path], composed=True, reduction="mean").backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _generate(self, path: str):
+        """Greedy KV-cached decoding of --new-tokens after the prompt (no eos: every token is
+        generated); the aligned paths feed the augment its settled tokens as the text grows."""
+        self._use(path)
+        prompts = None if path == "shared" else [self.prompt]
+        out = self.composed.generate(
+            self.prompt_ids, max_new_tokens=self.args.new_tokens, eos_token_id=[], prompts=prompts
+        )
+        self.generated[path] = out[0, self.prompt_ids.shape[1] :]
+
+    def generated_characters(self) -> dict[str, int]:
+        """How much text each path's last generation spelled (random weights may spell little)."""
+        return {
+            path: len(self.tokenizer.decode(ids, skip_special_tokens=True))
+            for path, ids in self.generated.items()
+        }
+
+    def steps(self) -> dict:
+        return {f"{path}_step": functools.partial(self._step, path) for path in self.PATHS}
+
+    def generations(self) -> dict:
+        return {f"{path}_generate": functools.partial(self._generate, path) for path in self.PATHS}
+
+
+def aligned_case(args, device) -> dict:
+    """The character alignment's cost: a composition whose augment reads its own tokens (same
+    tokenizer, tokens="aligned") against the same models reading the anchor's ids, for a training
+    step and per generated token; and, as information, an augment that reads characters."""
+    variants = AlignedVariants(args, device)
+    times = time_interleaved(variants.steps(), device, args.warmup, args.repeats)
+    generation = time_interleaved(variants.generations(), device, 1, max(5, args.repeats // 2))
+    per_token = {name: seconds / args.new_tokens for name, seconds in generation.items()}
+    return {
+        "aligned_step_over_shared_step": times["aligned_step"] / times["shared_step"],
+        "aligned_generation_over_shared_generation": per_token["aligned_generate"]
+        / per_token["shared_generate"],
+        "cross_step_over_shared_step": times["cross_step"] / times["shared_step"],
+        "cross_generation_over_shared_generation": per_token["cross_generate"] / per_token["shared_generate"],
+        "cross_note": "cross: anchor byte-level BPE, augment characters (information, no target): the augment "
+        "reads several tokens per anchor token, so it computes more; the ratio is not the alignment's overhead",
+        "seconds": times,
+        "generation_seconds_per_token": per_token,
+        "tokens_per_row": {path: variants.tokens_per_row(path) for path in variants.PATHS},
+        "generated_characters": variants.generated_characters(),
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": int(variants.prompt_ids.shape[1]),
+        "vocab": len(variants.tokenizer),
+        "batch": args.batch,
+        "seq": args.seq,
     }
 
 
@@ -535,6 +794,22 @@ def _table(result) -> str:
             ("prompt case: calm / full-logit bound", result["calm_step_over_full_logits_bound"], "<= 0.90"),
             ("prompt case: peak mem / full logits", result["peak_memory_over_full_logits"], "<= 0.70"),
         ]
+    aligned = result.get("aligned")
+    if aligned:
+        rows += [
+            ("aligned tokens: step / shared step", aligned["aligned_step_over_shared_step"], "<= 1.10"),
+            (
+                "aligned tokens: decoding / shared",
+                aligned["aligned_generation_over_shared_generation"],
+                "",
+            ),
+            ("BPE + char augment: step / shared", aligned["cross_step_over_shared_step"], "info"),
+            (
+                "BPE + char augment: decoding / shared",
+                aligned["cross_generation_over_shared_generation"],
+                "info",
+            ),
+        ]
     lines = [f"{'ratio':38s} {'measured':>9s}  target"]
     for name, value, target in rows:
         lines.append(f"{name:38s} {value if value is None else round(value, 3)!s:>9s}  {target}")
@@ -555,6 +830,17 @@ def _table(result) -> str:
             lines.append(f"  {name:22s} {seconds * 1000:9.1f} ms")
         for name, mib in case["peak_memory_mib"].items():
             lines.append(f"  peak {name:21s} {mib:9.0f} MiB")
+    if aligned:
+        tokens = aligned["tokens_per_row"]
+        lines.append(
+            f"  aligned case: vocab {aligned['vocab']}, tokens per row anchor/augment: "
+            + ", ".join(f"{path} {t['anchor']:.0f}/{t['augment']:.0f}" for path, t in tokens.items())
+            + " (char augment: more augment tokens, more augment compute)"
+        )
+        for name, seconds in aligned["seconds"].items():
+            lines.append(f"  {name:22s} {seconds * 1000:9.1f} ms")
+        for name, seconds in aligned["generation_seconds_per_token"].items():
+            lines.append(f"  {name:22s} {seconds * 1000:9.2f} ms/token")
     lines.append(f"  device {result['device']}, {result['dtype']}, {result['threads']} threads")
     return "\n".join(lines)
 

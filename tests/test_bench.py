@@ -32,7 +32,7 @@ def run_bench(tmp_path, *extra):
     return result.stdout
 
 
-def test_bench_json_keeps_its_keys_and_adds_the_prompt_completion_case(tmp_path):
+def test_bench_json_keeps_its_keys_and_adds_the_prompt_completion_and_aligned_cases(tmp_path):
     out = run_bench(tmp_path, "--case-vocab", "500", "--repeats", "1", "--warmup", "0", "--out", "b.json")
     result = json.loads((tmp_path / "b.json").read_text())
     for key in (
@@ -50,6 +50,34 @@ def test_bench_json_keeps_its_keys_and_adds_the_prompt_completion_case(tmp_path)
     assert case["loss_tokens_per_step"] == 2 * (16 - 11)  # labels of the last 5 of 16 tokens, shifted
     assert result["calm_step_over_full_logits_bound"] == case["calm_step_over_lower_bound"] > 0
     assert "prompt case: calm / full-logit bound" in out
+    aligned = result["aligned"]
+    assert result["aligned_step_over_shared_step"] == aligned["aligned_step_over_shared_step"]
+    for key in (
+        "aligned_step_over_shared_step",
+        "aligned_generation_over_shared_generation",
+        "cross_step_over_shared_step",
+        "cross_generation_over_shared_generation",
+    ):
+        assert isinstance(aligned[key], float) and aligned[key] > 0, key
+    for path in ("shared", "aligned", "cross"):
+        assert aligned["seconds"][f"{path}_step"] > 0
+        assert aligned["generation_seconds_per_token"][f"{path}_generate"] > 0
+        tokens = aligned["tokens_per_row"][path]
+        assert 0 < tokens["anchor"] <= 16 and tokens["augment"] > 0
+    # the same tokenizer on both sides: the aligned augment reads at most the anchor's tokens,
+    # the character augment more of them
+    assert aligned["tokens_per_row"]["aligned"]["augment"] <= aligned["tokens_per_row"]["shared"]["augment"]
+    assert aligned["tokens_per_row"]["cross"]["augment"] > aligned["tokens_per_row"]["shared"]["augment"]
+    assert "aligned tokens: step / shared step" in out
+
+
+def test_bench_can_skip_the_aligned_case(tmp_path):
+    run_bench(
+        tmp_path,
+        *("--no-prompt-case --no-aligned-case --repeats 1 --warmup 0 --out b.json".split()),
+    )
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert "aligned" not in result and "aligned_step_over_shared_step" not in result
 
 
 @pytest.mark.slow
