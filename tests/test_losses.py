@@ -9,6 +9,7 @@ and Granite logit scaling, a head with a bias, tied embeddings), loss and gradie
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 
@@ -342,4 +343,74 @@ def test_a_partitioned_head_weight_falls_back_to_the_models_own_head():
     loss = composed(**inputs, labels=batch["labels"], return_logits=False, loss_reduction="sum").loss
     handle.remove()
     assert seen == [(int(loss_mask(batch["labels"]).sum()), VOCAB)]
+    torch.testing.assert_close(loss, expected, **TOL)
+
+
+@contextlib.contextmanager
+def _partitioned_head(head: torch.nn.Linear, kind: str):
+    """The head's weight as a sharding library leaves it between forwards, whole only inside the
+    head's own forward (its pre-forward hook gathers it, its post-forward hook re-partitions):
+
+    - "zero3": DeepSpeed ZeRO-3 swaps the parameter's data for an empty tensor of shape (0,) and
+      records the real size in ``ds_numel``/``ds_shape`` (no ``ds_id`` here: the shape alone must
+      stop comm from multiplying by it);
+    - "dtensor": FSDP2 / tensor parallelism register a DTensor (a one-process gloo mesh)."""
+    full = head.weight.data
+    if kind == "zero3":
+        empty = torch.empty(0, dtype=full.dtype)
+        head.weight.ds_numel, head.weight.ds_shape = full.numel(), tuple(full.shape)
+        head.weight.data = empty
+        gather = lambda m, args: setattr(m.weight, "data", full)  # noqa: E731
+        release = lambda m, args, out: setattr(m.weight, "data", empty)  # noqa: E731
+        cleanup = lambda: setattr(head.weight, "data", full)  # noqa: E731
+    else:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        if dist.is_initialized():
+            pytest.skip("a process group is already initialised in this process")
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        whole = head.weight
+        sharded = torch.nn.Parameter(
+            distribute_tensor(full, DeviceMesh("cpu", [0]), [Shard(0)]), requires_grad=False
+        )
+        head.weight = sharded
+        gather = lambda m, args: setattr(m, "weight", whole)  # noqa: E731
+        release = lambda m, args, out: setattr(m, "weight", sharded)  # noqa: E731
+
+        def cleanup():
+            head.weight = whole
+            dist.destroy_process_group()
+
+    handles = [head.register_forward_pre_hook(gather), head.register_forward_hook(release)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        cleanup()
+
+
+@pytest.mark.parametrize("kind", ["zero3", "dtensor"])
+def test_a_sharded_head_weight_is_never_used_directly_and_the_loss_is_unchanged(kind):
+    """output_head refuses a weight that is not a whole matrix outside the head's forward (an
+    empty ZeRO-3 partition, a DTensor): the composition asks the anchor for the logits at the
+    loss positions, through its own (gathering) head, and gets the full-logits loss."""
+    composed = composition("llama")
+    batch = prompt_completion_batch(seed=11)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    head = composed.anchor.get_output_embeddings()
+    with torch.no_grad():
+        expected = reference_loss(composed(**inputs).logits, batch["labels"])
+        assert output_head(composed.anchor) is not None  # whole: the chunked path
+        with _partitioned_head(head, kind):
+            assert output_head(composed.anchor) is None
+            seen = []
+            spy = head.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+            loss = composed(**inputs, labels=batch["labels"], return_logits=False, loss_reduction="sum").loss
+            spy.remove()
+            if kind == "zero3":
+                assert head.weight.shape == (0,)  # partitioned again after the forward
+    assert seen == [(int(loss_mask(batch["labels"]).sum()), VOCAB)]  # the model's own head ran once
     torch.testing.assert_close(loss, expected, **TOL)
