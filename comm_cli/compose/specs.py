@@ -28,10 +28,17 @@ class ModelSpec:
     # Dotted path to the decoder blocks (an nn.ModuleList) inside the *ForCausalLM model, for
     # architectures comm does not know (e.g. "model.layers"). None: discover it.
     block_path: str | None = None
+    # A GGUF checkpoint inside name_or_path (a directory or hub repo): transformers de-quantises it
+    # into an ordinary model of ``dtype`` (and reads the tokenizer from it). None: safetensors/bin.
+    gguf_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
             raise ConfigError("a model spec has an empty name_or_path: give a hub id or a local directory")
+        if self.gguf_file is None and self.name_or_path.endswith(".gguf"):
+            # name_or_path=/models/x.gguf means the file x.gguf in /models, as transformers names it.
+            directory, _, name = self.name_or_path.rpartition("/")
+            self.name_or_path, self.gguf_file = directory or ".", name
         if self.dtype not in DTYPES:
             raise ConfigError(f"model dtype '{self.dtype}' is not one of {list(DTYPES)}: pick one of them")
 

@@ -57,14 +57,17 @@ def _declares_generic_tokenizer(name_or_path: str) -> bool:
 def load_tokenizer(name_or_path: str, spec: ModelSpec | None = None, what: str = "tokenizer"):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    # A GGUF spec reads its tokenizer from the same file as its weights.
+    gguf = {"gguf_file": spec.gguf_file} if spec is not None and spec.gguf_file else {}
     try:
-        if _declares_generic_tokenizer(name_or_path):
+        if not gguf and _declares_generic_tokenizer(name_or_path):
             tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
         else:
             tokenizer = AutoTokenizer.from_pretrained(
                 name_or_path,
                 revision=spec.revision if spec else None,
                 trust_remote_code=spec.trust_remote_code if spec else False,
+                **gguf,
             )
     except (OSError, ValueError) as err:
         raise ModelLoadError(
