@@ -55,6 +55,19 @@ def test_gguf_is_dequantised_to_the_configured_dtype(gguf_dir):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+def test_a_gguf_base_is_a_plain_dense_model_that_saves_as_safetensors(gguf_dir, tmp_path):
+    """What a conversion (GGUF -> safetensors, once, then cached) relies on."""
+    root, source = gguf_dir
+    model = load_causal_lm(ModelSpec(str(root), gguf_file=FILE))
+    assert not getattr(model, "is_quantized", False)
+    assert {type(m).__name__ for m in model.modules()} >= {"Linear", "Embedding"}
+    model.save_pretrained(tmp_path / "converted")
+    again = load_causal_lm(ModelSpec(str(tmp_path / "converted")))
+    ids = _ids(source.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, source(ids).logits)
+
+
 def test_the_tokenizer_comes_from_the_gguf_file(gguf_dir):
     root, _ = gguf_dir
     tokenizer = load_tokenizer(str(root), ModelSpec(str(root), gguf_file=FILE))

@@ -42,6 +42,29 @@ def _gguf_kwargs(spec: ModelSpec) -> dict:
     return {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
 
 
+def _gguf_model_kwargs(spec: ModelSpec) -> dict:
+    """Ask for every weight de-quantised at load time: a plain dense model of the spec's dtype,
+    never one that keeps GGUF blocks (which newer transformers does when a matmul kernel is
+    installed, and which could then not train through, carry LoRA, or be saved)."""
+    kwargs = _gguf_kwargs(spec)
+    if kwargs:
+        try:
+            from transformers import GgufConfig
+        except ImportError:  # older transformers always de-quantise
+            return kwargs
+        kwargs["quantization_config"] = GgufConfig(gguf_file=spec.gguf_file, dequantize=True)
+    return kwargs
+
+
+def _forget_gguf_origin(model) -> None:
+    """A de-quantised model still carries transformers' GGUF quantizer, which refuses
+    ``save_pretrained``; once the weights are dense it describes nothing, so drop it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(model.config, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        quantizer.remove_quantization_config(model)
+
+
 def check_gguf(spec: ModelSpec, what: str = "model") -> None:
     """What transformers reports badly about a GGUF spec, checked before it is asked: the
     ``gguf`` package, and a local file that is not there."""
@@ -141,10 +164,11 @@ def load_causal_lm(spec: ModelSpec, what: str = "model", device: str | torch.dev
             revision=spec.revision,
             dtype=torch_dtype(spec.dtype),
             trust_remote_code=spec.trust_remote_code,
-            **_gguf_kwargs(spec),
+            **_gguf_model_kwargs(spec),
         )
     except (OSError, ValueError, KeyError) as err:
         raise _explain(spec, what, err) from err
+    _forget_gguf_origin(model)
     if device is not None:
         model.to(device)
     return model.eval()
