@@ -186,21 +186,36 @@ def build_model(cfg, device=None) -> nn.Module:
     raise ConfigError(f"method.name '{name}' is not one of calm, lora, full")
 
 
-def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor], composed: bool) -> torch.Tensor:
+def first_loss_column(labels: torch.Tensor) -> int:
+    """The column of the batch's first prediction that carries loss: logits before it are never
+    needed (the prompt of a prompt/completion batch). 0 when no label is set."""
+    from comm_cli.losses import IGNORE_INDEX
+
+    columns = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    return int(columns[0]) if len(columns) else 0
+
+
+def batch_logits(
+    model: nn.Module, batch: dict[str, torch.Tensor], composed: bool, keep_from: int = 0
+) -> torch.Tensor:
     """Teacher-forced logits of a collated batch, for a composition (``composed``, possibly
     wrapped by Accelerate) or a plain causal LM. Positions count only real tokens, so a padded
-    row scores as it would alone."""
+    row scores as it would alone. ``keep_from`` > 0 computes the LM head only from that column on
+    (the head and its softmax over the vocabulary are a large part of a small model's step)."""
+    keep = {"logits_to_keep": batch["input_ids"].shape[1] - keep_from} if keep_from else {}
     if composed:
         return model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             augment_attention_mask=batch["augment_attention_mask"],
             augment_states=batch.get("augment_states"),
+            **keep,
         ).logits
     return model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=positions_from_mask(batch["attention_mask"]),
+        **keep,
     ).logits
 
 

@@ -36,6 +36,7 @@ from comm_cli.training.models import (
     batch_logits,
     build_model,
     check_tokenizers,
+    first_loss_column,
     load_tokenizer,
 )
 from comm_cli.training.optim import build_optimizer, build_scheduler
@@ -367,8 +368,10 @@ class TrainRecipe:
     # ------------------------------------------------------------------ training
 
     def _summed_loss(self, batch) -> torch.Tensor:
-        logits = batch_logits(self.model, batch, composed=self.cfg.method.name == "calm")
-        return next_token_loss(logits, batch["labels"], reduction="sum")
+        # Logits only from the first column that carries loss (the same sum, less LM-head work).
+        start = first_loss_column(batch["labels"])
+        logits = batch_logits(self.model, batch, composed=self.cfg.method.name == "calm", keep_from=start)
+        return next_token_loss(logits, batch["labels"][:, start:], reduction="sum")
 
     def _micro_batches(self):
         """Yield (epoch, index in epoch, batch) forever, from the saved data position on."""
