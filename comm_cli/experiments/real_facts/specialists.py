@@ -63,10 +63,14 @@ class SpecialistSettings:
 
     layers: int = 4
     steps: int = 160
-    batch_size: int = 32
+    batch_size: int = 16  # lines, of 2.5 statements on average
     lr: float = 5e-4
     warmup_steps: int = 16
     freeze_embeddings: bool = True
+    # A training line holds 1..statements_per_line statements about random people, so the
+    # specialist recalls a city after any prefix (in the composition it reads a chat-formatted
+    # question before the answer), not only at the start of a text.
+    statements_per_line: int = 4
 
 
 @dataclass
@@ -276,11 +280,12 @@ def train_specialist(model, tokenizer, world: FactsWorld, settings: FactsSetting
     tokens only. AdamW, linear warmup, cosine decay to zero. Returns (model, what happened)."""
     s = settings.specialist
     seed = derive_seed(settings.seed, "specialist")
-    rows = []
+    statements = []
     for example in tasks.examples("statement", world, world.people, paraphrases=True):
         prompt = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
         completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
-        rows.append((prompt, completion))
+        following = tokenizer(" " + example["prompt"], add_special_tokens=False)["input_ids"]
+        statements.append((prompt, following, completion))
     torch.manual_seed(seed)
     rng = random.Random(seed)
     if s.freeze_embeddings:  # the anchor's vocabulary, in and out (tied or not)
@@ -299,10 +304,13 @@ def train_specialist(model, tokenizer, world: FactsWorld, settings: FactsSetting
     losses, start = [], time.perf_counter()
     order: list[int] = []
     for step in range(s.steps):
-        if len(order) < s.batch_size:  # epochs of shuffled rows
-            order += rng.sample(range(len(rows)), len(rows))
-        batch = [rows[i] for i in order[: s.batch_size]]
-        del order[: s.batch_size]
+        batch = []
+        for _ in range(s.batch_size):
+            count = rng.randint(1, s.statements_per_line)
+            if len(order) < count:  # epochs of shuffled statements
+                order += rng.sample(range(len(statements)), len(statements))
+            batch.append(_line([statements[i] for i in order[:count]]))
+            del order[:count]
         ids, mask, labels = _pad(batch, tokenizer.pad_token_id)
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         targets = labels[:, 1:]
@@ -321,7 +329,7 @@ def train_specialist(model, tokenizer, world: FactsWorld, settings: FactsSetting
     info = {
         "train_seconds": round(time.perf_counter() - start, 1),
         "steps": s.steps,
-        "statements": len(rows),
+        "statements": len(statements),
         "trainable_parameters": sum(p.numel() for p in params),
         "losses": losses,
         "seed": seed,
@@ -329,17 +337,27 @@ def train_specialist(model, tokenizer, world: FactsWorld, settings: FactsSetting
     return model, info
 
 
+def _line(statements) -> tuple[list[int], list[int]]:
+    """One training line, ``A lives in X. B resides in Y.``: (ids, labels on the cities only).
+    ``statements`` are (prompt ids, the same prompt after a space, completion ids)."""
+    ids, labels = [], []
+    for i, (prompt, following, completion) in enumerate(statements):
+        head = following if i else prompt
+        ids += head + completion
+        labels += [IGNORE_INDEX] * len(head) + completion
+    return ids, labels
+
+
 def _pad(rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad (prompt, completion) id rows; labels on the completion only."""
-    width = max(len(p) + len(c) for p, c in rows)
+    """Right-pad (ids, labels) rows."""
+    width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (prompt, completion) in enumerate(rows):
-        n = len(prompt) + len(completion)
-        ids[i, :n] = torch.tensor(prompt + completion)
-        mask[i, :n] = 1
-        labels[i, len(prompt) : n] = torch.tensor(completion)
+    for i, (row, row_labels) in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, : len(row)] = torch.tensor(row_labels)
     return ids, mask, labels
 
 
