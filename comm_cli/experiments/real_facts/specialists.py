@@ -84,6 +84,10 @@ class FactsSettings:
     # Keep only the cities whose country the anchor names (false: every candidate, for tests).
     filter_cities: bool = True
     min_cities: int = 10
+    # Of those, the world uses this many (a seeded draw; None: all). Few cities and many people
+    # per city is what makes the bridges read the specialist: each city's reading is then learnt
+    # from several composition people, so it is cheaper than memorising person -> city.
+    num_cities: int | None = 24
     specialist: SpecialistSettings = field(default_factory=SpecialistSettings)
     # Not part of the settings hash: speed, not what is built. None leaves torch's setting alone.
     num_threads: int | None = 2
@@ -178,6 +182,8 @@ def _build_into(root: Path, anchor_dir: Path, settings: FactsSettings) -> dict:
             f"{settings.min_cities} are needed): check the anchor, or set facts.settings.filter_cities=false"
         )
     skill_seconds = time.perf_counter() - skill_start
+    if settings.num_cities is not None and settings.num_cities < len(kept):
+        kept = sorted(random.Random(derive_seed(settings.seed, "cities")).sample(kept, settings.num_cities))
     world = FactsWorld.create(
         seed=settings.seed,
         num_people=settings.num_people,
@@ -205,7 +211,7 @@ def _build_into(root: Path, anchor_dir: Path, settings: FactsSettings) -> dict:
         "settings_hash": settings.hash(),
         "recipe_version": RECIPE_VERSION,
         "settings": settings.to_dict(),
-        "cities_kept": len(kept),
+        "cities_used": len(kept),
         "cities_candidates": len(CITIES),
         "city_skill_seconds": round(skill_seconds, 1),
         "specialist": {**train_info, "recall_all_people": recall["specialist"]},
