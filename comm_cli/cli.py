@@ -1,5 +1,6 @@
 """What `comm-train` and `comm-eval` share: where the configs live, how a user's mistake is
-reported (one line, non-zero exit), and logging that only the main process writes.
+reported (one line, exit status 2, whether comm or Hydra found it), and logging that only the
+main process writes.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from comm_cli.errors import CommError
+from comm_cli.errors import CommError, TrainingStopped
 
 EXIT_USER_ERROR = 2
+# Stopped on SIGTERM/SIGINT after a checkpoint (sysexits' EX_TEMPFAIL: "try again later").
+EXIT_STOPPED = 75
 
 
 def config_dir() -> str:
@@ -44,9 +47,24 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+# Libraries whose INFO lines are detail for the log file, not the console (Accelerate prints six
+# lines per checkpoint; comm prints one of its own).
+_FILE_ONLY_INFO = ("accelerate", "deepspeed", "torch.distributed")
+
+
+class _ConsoleFilter(logging.Filter):
+    """Keep the console to comm's own lines: other libraries' INFO goes to the log file only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not any(record.name == n or record.name.startswith(f"{n}.") for n in _FILE_ONLY_INFO)
+
+
 def setup_logging(log_file: Path | None = None, main_process: bool | None = None) -> None:
     """INFO to stdout on the main process (WARNING elsewhere), plus ``log_file`` (appended, so a
-    resumed run keeps its history) on the main process."""
+    resumed run keeps its history) on the main process. Accelerate's and DeepSpeed's INFO lines
+    go to the file only."""
     main_process = is_main_process() if main_process is None else main_process
     root = logging.getLogger()
     for handler in list(root.handlers):  # Hydra's or an earlier job's
@@ -57,6 +75,7 @@ def setup_logging(log_file: Path | None = None, main_process: bool | None = None
     fmt = logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s", "%H:%M:%S")
     stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(fmt)
+    stream.addFilter(_ConsoleFilter())
     stream._comm = True
     root.addHandler(stream)
     if log_file is not None and main_process:
@@ -79,12 +98,88 @@ def reset_accelerate_state() -> None:
 
 
 def run_reporting_errors(program: str, fn: Callable[[], object]) -> object:
-    """Run ``fn``; a CommError becomes one line on stderr and exit status 2."""
+    """Run ``fn``; a CommError becomes one line on stderr and exit status 2; a requested stop
+    (SIGTERM/SIGINT, checkpoint written) one line and exit status 75."""
     try:
         return fn()
     except CommError as err:
         print(f"{program}: error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+    except TrainingStopped as stop:
+        print(f"{program}: {stop}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_STOPPED)
+
+
+_task = {"started": False}
+
+
+def task_started() -> None:
+    """Called first thing in a ``@hydra.main`` function: from here on, an exception is the job's
+    own (a bug keeps its traceback), not a config Hydra could not compose."""
+    _task["started"] = True
+
+
+def run_hydra(program: str, hydra_main: Callable[[], None]) -> None:
+    """Run a ``@hydra.main`` function so that the config errors Hydra finds itself (a value of
+    the wrong type, an unknown option of a config group, an override it cannot parse) end like
+    every other user error: one line naming the key, exit status 2. Hydra would print several
+    lines and exit 1. With HYDRA_FULL_ERROR=1 set by the user, Hydra's own report stands."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        hydra_main()
+        return
+    _task["started"] = False
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # makes Hydra raise instead of printing and exiting 1
+    try:
+        hydra_main()
+    except Exception as err:
+        if _task["started"]:
+            raise
+        message = hydra_error_line(err, program)
+        print(f"{program}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def hydra_error_line(err: BaseException, program: str) -> str:
+    """One line for an error Hydra or OmegaConf raised while composing the config."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    hint = f"`{program} --cfg job` prints every key and its value"
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file:
+        group, _, option = str(err.missing_cfg_file).rpartition("/")
+        if group and err.options:
+            return f"unknown {group} option '{option}': choose one of {', '.join(sorted(err.options))}"
+        return f"config '{err.missing_cfg_file}' not found: {_first_line(err)}"
+    cause = err
+    if isinstance(err, ConfigCompositionException):
+        cause = err.__cause__ or err.__context__ or err
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None)
+        what = _first_line(cause)
+        where = ""
+        if cause is not err and str(err).startswith("In '"):
+            where = f" in {str(err).split(':', 1)[0][3:]}"  # "In 'experiment/mine': ..." -> the file
+        if isinstance(cause, ConfigKeyError):
+            return f"unknown config key '{key or what}'{where}: check its spelling; {hint}"
+        if key:
+            return f"{key}{where}: {what}: give {key} a value of the right type ({hint})"
+        return f"{what}{where} ({hint})"
+    if isinstance(err, OverrideParseException):
+        return f"cannot parse the override '{err.override}': {_all_lines(err)}"
+    return f"the config cannot be composed: {_all_lines(err)} ({hint})"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(getattr(err, "msg", None) or err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _all_lines(err: BaseException) -> str:
+    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = text or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _dataclass_of(annotation):

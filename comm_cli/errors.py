@@ -43,3 +43,15 @@ class OutputDirError(CommError):
 
 class NonFiniteLossError(CommError):
     """Training produced a NaN or infinite loss."""
+
+
+class CheckpointError(CommError):
+    """A checkpoint cannot be used (missing, truncated, corrupt) or cannot be written (disk full)."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped on request (SIGTERM, SIGINT) after writing a checkpoint at a step boundary.
+
+    Not an error: the CLI prints ``str(err)`` and exits with ``EXIT_STOPPED`` (75, sysexits'
+    EX_TEMPFAIL: "try again later"), so a scheduler's wrapper can tell "preempted, resume me"
+    from success (0), a user error (2) and a crash (1)."""

@@ -9,12 +9,16 @@ experiment's own sections (``kv``, ``data.kv``, ``facts``, ``data.facts``) come 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
 from comm_cli.compose.specs import BridgeConfig, MappingSpec, ModelSpec
 from comm_cli.data.loading import DataConfig
+from comm_cli.errors import ConfigError
 from comm_cli.experiments.kv_arithmetic.config import KVSpecialistsConfig, KVTaskConfig
 from comm_cli.experiments.kv_arithmetic.specialists import SpecialistSettings
 from comm_cli.experiments.real_facts.config import FactsConfig, FactsTaskConfig
@@ -145,11 +149,25 @@ class GenerationConfig:
 
 
 @dataclass
+class CodeTaskConfig:
+    """A code benchmark (metrics=[pass_at_k]): completions run against the problem's tests, each in
+    its own process (comm_cli/evaluation/execution.py), only with execute_untrusted_code=true."""
+
+    benchmark: str | None = None  # humaneval | mbpp: how prompts, stop strings and tests are built
+    k: list[int] = field(default_factory=lambda: [1, 10, 100])  # pass@k for every k <= samples per problem
+    timeout: float = 10.0  # seconds per program (wall clock)
+    memory_mb: int = 1024  # address-space limit per program
+    workers: int | None = None  # programs run at once; None: one per CPU core
+    stop: list[str] | None = None  # None: the benchmark's usual stop strings
+
+
+@dataclass
 class EvalTask:
     """One evaluation: a dataset (its ``data.split``) and the metrics to compute on it."""
 
     data: DataSchema = field(default_factory=DataSchema)
     # loss (+ perplexity, teacher-forced) | exact_match (generation) | chrf (chrF++) | bleu
+    # | pass_at_k (generated code executed against the tests; needs code.benchmark)
     metrics: list[str] = field(default_factory=lambda: ["loss"])
     # how an answer is read from a generation and its reference:
     # full | first_number | last_number | regex | package.module:function (an experiment's own reader)
@@ -157,6 +175,24 @@ class EvalTask:
     regex: str | None = None  # extract=regex: the first group (or the whole match)
     max_examples: int | None = None
     max_new_tokens: int | None = None  # None: generation.max_new_tokens
+    stop: list[str] = field(default_factory=list)  # generation ends at any of these strings
+    code: CodeTaskConfig = field(default_factory=CodeTaskConfig)
+
+
+@dataclass
+class HarnessConfig:
+    """lm-evaluation-harness tasks run on the same model (needs pip install 'comm-cli[harness]')."""
+
+    tasks: list[str] = field(default_factory=list)  # task or group names, or paths of task YAML files
+    include_path: str | None = None  # a directory of your own task YAMLs (lm-eval's --include_path)
+    num_fewshot: int | None = None
+    limit: float | None = None  # examples per task (a fraction when < 1); None: all
+    batch_size: int | None = None  # None: generation.batch_size
+    max_length: int | None = None  # context length; None: the anchor's max_position_embeddings
+    log_samples: bool = True  # per-example requests and answers into predictions.jsonl
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {max_gen_toks: 128}
+    add_bos_token: bool = True  # prepend the tokenizer's bos token, as comm-train does
+    bootstrap_iters: int = 100000  # lm-eval's bootstrap for the stderr of metrics without a closed form
 
 
 @dataclass
@@ -173,7 +209,11 @@ class EvalConfig:
     augment: ModelSpec = MISSING
     tokenizer: str | None = None
     tasks: dict[str, EvalTask] = field(default_factory=dict)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # Code benchmarks run model-generated programs on this machine (each in its own process with
+    # time and memory limits and no network); they run only when this is true.
+    execute_untrusted_code: bool = False
     # with model=calm: also evaluate with the bridges switched off (the anchor's skills kept)
     bridges_off: bool = False
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -183,6 +223,141 @@ class EvalConfig:
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str | None = None  # override the bases' dtype (e.g. bfloat16 on a GPU)
     num_threads: int | None = None
+
+
+# ------------------------------------------------------------------------------------ value checks
+#
+# The schema checks types; these check values, by key name, before anything is built or loaded:
+# a budget of -5 steps or a batch of 0 examples would otherwise train nothing and exit 0, or end
+# in a traceback from deep inside torch. Each rule: (dotted key, accepts(value), what it must be).
+
+Rule = tuple[str, Callable[[object], bool], str]
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _at_least(low):
+    return lambda v: _number(v) and v >= low
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+def _positive(v) -> bool:
+    return _number(v) and v > 0
+
+
+def _fraction(v) -> bool:  # [0, 1)
+    return _number(v) and 0 <= v < 1
+
+
+def _one_of(*names):
+    return lambda v: v in names
+
+
+TRAIN_RULES: tuple[Rule, ...] = (
+    (
+        "trainer.max_steps",
+        _optional(_at_least(1)),
+        "a positive number of optimizer steps, or null to train by trainer.epochs",
+    ),
+    ("trainer.epochs", _optional(_positive), "a positive number of epochs, or null"),
+    ("trainer.batch_size", _at_least(1), "a positive number of examples per process"),
+    (
+        "trainer.eval_batch_size",
+        _optional(_at_least(1)),
+        "a positive batch size, or null for trainer.batch_size",
+    ),
+    ("trainer.gradient_accumulation_steps", _at_least(1), "a positive number of micro-batches per step"),
+    ("trainer.max_grad_norm", _optional(_positive), "a positive norm, or null for no clipping"),
+    ("trainer.mixed_precision", _one_of("auto", "no", "bf16", "fp16"), "one of auto, no, bf16, fp16"),
+    ("trainer.log_every", _at_least(1), "a positive number of steps"),
+    ("trainer.eval_every", _optional(_at_least(1)), "a positive number of steps, or null for the end only"),
+    ("trainer.eval_batches", _optional(_at_least(1)), "a positive number of batches, or null for all"),
+    ("trainer.save_every", _optional(_at_least(1)), "a positive number of steps, or null for the end only"),
+    ("trainer.keep_last", _at_least(0), "how many checkpoints to keep (0 keeps all)"),
+    ("trainer.num_workers", _at_least(0), "0 or more data-loading processes"),
+    ("trainer.num_threads", _optional(_at_least(1)), "a positive number of CPU threads, or null"),
+    ("method.name", _one_of("calm", "lora", "full"), "one of calm, lora, full"),
+    ("method.lora.r", _optional(_at_least(1)), "a positive LoRA rank, or null to match the bridges' budget"),
+    ("method.lora.dropout", _fraction, "a dropout probability in [0, 1)"),
+    ("optimizer.lr", _positive, "a positive learning rate"),
+    ("optimizer.weight_decay", _at_least(0), "0 or a positive weight decay"),
+    ("optimizer.eps", _positive, "a small positive number"),
+    ("optimizer.betas", lambda v: len(v) == 2 and all(_fraction(b) for b in v), "two values in [0, 1)"),
+    ("optimizer.momentum", _at_least(0), "0 or a positive momentum"),
+    ("scheduler.warmup_steps", _at_least(0), "0 or more steps"),
+    ("scheduler.warmup_ratio", _fraction, "a fraction of the steps in [0, 1)"),
+    ("scheduler.min_lr_ratio", lambda v: _number(v) and 0 <= v <= 1, "a ratio in [0, 1]"),
+    ("mask_mode", _one_of("causal", "prompt"), "causal or prompt"),
+    ("logger.name", _one_of("wandb", "tensorboard", "none"), "one of wandb, tensorboard, none"),
+    (
+        "logger.mode",
+        _one_of("auto", "online", "offline", "disabled"),
+        "one of auto, online, offline, disabled",
+    ),
+)
+
+EVAL_RULES: tuple[Rule, ...] = (
+    (
+        "model",
+        _one_of("calm", "anchor", "augment", "lora", "full"),
+        "one of calm, anchor, augment, lora, full",
+    ),
+    ("generation.max_new_tokens", _at_least(1), "a positive number of tokens"),
+    ("generation.num_samples", _at_least(1), "a positive number of samples per prompt"),
+    ("generation.temperature", _positive, "a positive temperature"),
+    ("generation.top_k", _optional(_at_least(1)), "a positive k, or null"),
+    ("generation.top_p", _optional(lambda v: _number(v) and 0 < v <= 1), "a probability in (0, 1], or null"),
+    ("generation.batch_size", _at_least(1), "a positive batch size"),
+    ("sample_predictions", _at_least(0), "0 or more rows"),
+    ("num_threads", _optional(_at_least(1)), "a positive number of CPU threads, or null"),
+    ("logger.name", _one_of("wandb", "tensorboard", "none"), "one of wandb, tensorboard, none"),
+    (
+        "logger.mode",
+        _one_of("auto", "online", "offline", "disabled"),
+        "one of auto, online, offline, disabled",
+    ),
+)
+
+EVAL_TASK_RULES: tuple[Rule, ...] = (
+    ("max_examples", _optional(_at_least(1)), "a positive number of examples, or null for all"),
+    (
+        "max_new_tokens",
+        _optional(_at_least(0)),
+        "0 or more tokens (0: the prompt alone is scored, as a code task can), or null for generation.max_new_tokens",
+    ),
+)
+
+
+def _lookup(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_values(cfg, rules: tuple[Rule, ...], prefix: str = "") -> None:
+    """Raise a ConfigError naming the first key whose value breaks its rule."""
+    for key, accepts, what in rules:
+        value = _lookup(cfg, key)
+        if not accepts(value):
+            shown = list(value) if isinstance(value, (list, tuple)) else value
+            raise ConfigError(f"{prefix}{key}={shown} is not valid: it must be {what}")
+
+
+def check_train_values(cfg: TrainConfig) -> None:
+    check_values(cfg, TRAIN_RULES)
+    if cfg.trainer.max_steps is None and cfg.trainer.epochs is None:
+        raise ConfigError("no training budget: set trainer.max_steps=N or trainer.epochs=E")
+
+
+def check_eval_values(cfg: EvalConfig) -> None:
+    check_values(cfg, EVAL_RULES)
+    for name, task in cfg.tasks.items():
+        check_values(task, EVAL_TASK_RULES, prefix=f"tasks.{name}.")
 
 
 def _kv_settings_hash(node) -> str:

@@ -19,9 +19,11 @@ from comm_cli.cli import (
     config_dir,
     reset_accelerate_state,
     resolve_output_dir,
+    run_hydra,
     run_reporting_errors,
+    task_started,
 )
-from comm_cli.schema import TrainConfig, register_schemas
+from comm_cli.schema import TrainConfig, check_train_values, register_schemas
 
 PROGRAM = "comm-train"
 GROUPS = {
@@ -42,10 +44,13 @@ register_schemas()
 
 def run(cfg: DictConfig) -> dict:
     """Train from a composed config (also what tests call)."""
+    from comm_cli.data.loading import check_local_data
     from comm_cli.experiments import prepare
     from comm_cli.training.recipe import TrainRecipe
 
     typed = to_typed(cfg)
+    check_train_values(typed)
+    check_local_data(typed.data)
     prepare(typed)
     raw = OmegaConf.to_container(cfg, resolve=True)
     recipe = TrainRecipe(typed, raw)
@@ -59,19 +64,30 @@ def run(cfg: DictConfig) -> dict:
 
 
 def to_typed(cfg: DictConfig) -> TrainConfig:
-    """The typed config; dataclass checks (e.g. a mapping with two forms) raise ConfigErrors."""
-    return OmegaConf.to_object(cfg)
+    """The typed config; dataclass checks (e.g. a mapping with two forms) raise ConfigErrors, and
+    so does a required value left unset."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    from comm_cli.errors import ConfigError
+
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as err:
+        raise ConfigError(
+            f"{err.full_key} is not set: give it on the command line or in a config file"
+        ) from err
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    task_started()
     resolve_output_dir(cfg)
     run_reporting_errors(PROGRAM, lambda: run(cfg))
 
 
 def main() -> None:
     check_override_keys(PROGRAM, sys.argv[1:], TrainConfig, GROUPS)
-    _hydra_main()
+    run_hydra(PROGRAM, _hydra_main)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     parser.add_argument(
-        "--threads", type=int, default=2, help="torch threads while building (0: leave as is)"
+        "--processes", type=int, default=2, help="build the two specialists side by side (2) or in turn (1)"
     )
     parser.add_argument("--quiet", action="store_true", help="no per-step training log")
     return parser.parse_args(argv)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     settings = SpecialistSettings.tiny(args.seed) if args.fast else SpecialistSettings(seed=args.seed)
-    settings.num_threads = args.threads or None
+    settings.processes = args.processes
     try:
         paths = ensure_specialists(args.out_dir, settings, force=args.force)
     except CommError as err:

@@ -13,7 +13,9 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# COMM_TEST_THREADS=1 keeps tests quick on a machine that other jobs keep busy (OpenMP threads
+# that wait for a busy core spin).
+torch.set_num_threads(int(os.environ.get("COMM_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 VOCAB = 64
 

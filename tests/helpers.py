@@ -220,3 +220,18 @@ def wandb_history(run_dir: Path) -> tuple[list[dict], dict, str]:
             elif kind == "run":
                 run_id = record.run.run_id
     return rows, config, run_id
+
+
+def build_composition(ws: dict[str, Path], path: Path) -> Path:
+    """A saved composition of the workspace's anchor and augment with random, non-zero bridges
+    (so that bridges on and off give different numbers), without training."""
+    from transformers import AutoModelForCausalLM
+
+    from comm_cli.compose import BridgeConfig, ComposedModel, MappingSpec
+
+    torch.manual_seed(0)
+    anchor = AutoModelForCausalLM.from_pretrained(ws["anchor"], dtype=torch.float32)
+    augment = AutoModelForCausalLM.from_pretrained(ws["augment"], dtype=torch.float32)
+    bridge = BridgeConfig(num_heads=4, zero_init_output=False)
+    ComposedModel.from_models(anchor, augment, MappingSpec(every=2), bridge).save_pretrained(path)
+    return path

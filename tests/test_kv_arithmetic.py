@@ -224,3 +224,18 @@ def test_tokenizer_survives_save_and_auto_load(tokenizer, tmp_path):
     assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert loaded.decode(loaded(text)["input_ids"], skip_special_tokens=True) == text
     assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id) == (0, 1, 2)
+
+
+def test_a_balanced_split_gives_every_value_the_same_share_of_composition_keys():
+    import collections
+
+    for seed in range(3):
+        plain, balanced = kv.KVWorld.create(seed=seed), kv.KVWorld.create(seed=seed, balanced=True)
+        assert plain.values == balanced.values  # the same keys and values, another split
+        counts = collections.Counter(balanced.values[k] for k in balanced.composition_keys)
+        assert set(counts.values()) == {10} and len(balanced.composition_keys) == 100
+        assert not set(balanced.composition_keys) & set(balanced.heldout_keys)
+        assert sorted(balanced.composition_keys + balanced.heldout_keys) == sorted(balanced.keys)
+    # a small world whose values cannot all be served keeps the requested size
+    tiny = kv.KVWorld.create(seed=0, num_keys=40, balanced=True)
+    assert len(tiny.composition_keys) == 8

@@ -62,3 +62,48 @@ def test_fast_demo_writes_the_table(tmp_path):
     assert "CALM, random m_A" in result.stdout
     # the bridges-off check scores the anchor's numeric arithmetic
     assert "numeric_arithmetic" in table["calm_bridges_off"]
+
+
+def _table(
+    spec_seed: int, calm: list[float], controls: dict[str, float], numeric_on: float, numeric_anchor: float
+):
+    rows = [
+        {"system": name, "kv_arithmetic_heldout": value, "numeric_arithmetic": numeric_anchor}
+        for name, value in controls.items()
+    ]
+    runs = [
+        {
+            "seed": i,
+            "kv_arithmetic_heldout": value,
+            "kv_substitution_heldout": value,
+            "kv_arithmetic_train_keys": 1.0,
+            "numeric_arithmetic": numeric_on,
+            "val_loss": 0.1,
+        }
+        for i, value in enumerate(calm)
+    ]
+    return {"rows": rows, "calm_runs": runs}
+
+
+def test_the_seed_summary_reports_mean_minimum_and_spread():
+    from comm_cli.experiments.kv_arithmetic.seeds import CONTROLS, format_report, summarise
+
+    controls = {name: 0.05 for name in CONTROLS}
+    tables = {
+        0: _table(0, [0.90, 0.94], {**controls, "LoRA on m_B": 0.08}, 0.98, 0.985),
+        1: _table(1, [0.96, 0.92], controls, 0.99, 0.97),
+    }
+    accuracy = {
+        "augment": {"accuracy": {"lookup_all_keys": 1.0, "lookup_in_heldout_expression": 0.99}},
+        "anchor": {"accuracy": {"arithmetic": 0.98, "arithmetic_after_kv_prefix": 0.97}},
+    }
+    summary = summarise(tables, {0: accuracy, 1: accuracy})
+    calm = summary["calm_heldout"]
+    assert calm["n"] == 4 and calm["min"] == 0.90 and calm["max"] == 0.96
+    assert calm["mean"] == pytest.approx(0.93)
+    assert calm["std"] == pytest.approx(0.0258198889747, rel=1e-6)  # sample std of .90 .94 .96 .92
+    assert summary["controls"]["LoRA on m_B"]["max"] == 0.08
+    assert summary["anchor_skill_max_abs_change"] == pytest.approx(0.02)
+    assert [r["specialist_seed"] for r in summary["runs"]] == [0, 0, 1, 1]
+    report = format_report(summary)
+    assert "mean  93.0%, min  90.0%" in report and "max   8.0%" in report

@@ -111,10 +111,25 @@ def test_a_second_call_reuses_the_build(copy_of):
     assert not paths.built and paths.anchor == root / "anchor"
     assert weights.stat().st_mtime_ns == before
 
-    # The thread count is not part of what is built.
+    # How many processes build it is not part of what is built.
     settings = tiny(0)
-    settings.num_threads = 1
+    settings.processes = 1
     assert not ks.ensure_specialists(root, settings).built
+
+
+def test_the_weights_do_not_depend_on_threads_or_processes(built, tmp_path):
+    """Each specialist trains with one torch thread, in a process of its own or not: the same
+    weights whatever the caller's thread setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        settings = tiny(0)
+        settings.processes = 1
+        serial = _weights(ks.build_specialists(tmp_path / "serial", settings).root)
+    finally:
+        torch.set_num_threads(previous)
+    parallel = _weights(built)
+    assert _same(serial["augment"], parallel["augment"]) and _same(serial["anchor"], parallel["anchor"])
 
 
 def test_changed_settings_rebuild(copy_of):
@@ -153,8 +168,10 @@ def test_a_build_killed_midway_leaves_nothing_that_looks_complete(tmp_path, monk
         raise KeyboardInterrupt  # stands in for a kill while the anchor trains
 
     monkeypatch.setattr(ks, "_train_anchor", killed)
+    in_process = tiny(0)
+    in_process.processes = 1  # the patch reaches this process only
     with pytest.raises(KeyboardInterrupt):
-        ks.ensure_specialists(root, tiny(0))
+        ks.ensure_specialists(root, in_process)
     assert not root.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -166,6 +183,39 @@ def test_a_build_killed_midway_leaves_nothing_that_looks_complete(tmp_path, monk
     assert ks.read_complete_manifest(root, tiny(0)) is None
     assert ks.ensure_specialists(root, tiny(0)).built
     assert not leftover.exists()
+
+
+def test_stale_partials_are_removed_also_when_the_cached_build_is_reused(copy_of):
+    """A killed build's .partial directory goes the next time the cache is used, even when
+    nothing is built; a running build (this process) and another host's build stay."""
+    import os
+    from types import SimpleNamespace
+
+    from comm_cli.experiments.kv_arithmetic import setup
+
+    root = copy_of()
+    leftovers = {
+        "dead, this host": f".{root.name}.partial-999999999-{ks._HOST}-1",
+        "dead, older name form": f".{root.name}.partial-999999998-2",
+        "running, this host": f".{root.name}.partial-{os.getpid()}-{ks._HOST}-3",
+        "another host": f".{root.name}.partial-999999997-elsewhere-4",
+    }
+    for name in leftovers.values():
+        (root.parent / name / "augment").mkdir(parents=True)
+    paths = ks.ensure_specialists(root, tiny(0))
+    assert not paths.built  # reused
+    left = {label for label, name in leftovers.items() if (root.parent / name).exists()}
+    assert left == {"running, this host", "another host"}
+
+    # comm-train / comm-eval reach a cached build through setup.prepare, which returns early
+    dead = root.parent / leftovers["dead, this host"]
+    dead.mkdir()
+    spec = SimpleNamespace(name_or_path=str(root / "anchor"))
+    cfg = SimpleNamespace(
+        kv=SimpleNamespace(dir=str(root), specialists=tiny(0), build=False), anchor=spec, augment=spec
+    )
+    setup.prepare(cfg)
+    assert not dead.exists()
 
 
 def test_a_directory_with_other_files_is_not_replaced(tmp_path):
@@ -208,3 +258,44 @@ def test_script_prints_the_table_and_reuses(built, copy_of, capsys):
     (root / "manifest.json").unlink()
     assert script.main(["--out-dir", str(root), "--fast", "--quiet"]) == 1
     assert "other files" in capsys.readouterr().err
+
+
+def test_build_workers_die_with_the_build(tmp_path):
+    """SIGKILL to a build leaves no worker training on, orphaned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys; sys.path.insert(0, {!r})\n"
+        "from comm_cli.experiments.kv_arithmetic import specialists as ks\n"
+        "s = ks.SpecialistSettings.tiny(0); s.augment.steps = s.anchor.steps = 100000\n"
+        "ks.build_specialists({!r}, s)\n"
+    ).format(str(Path(__file__).resolve().parents[1]), str(tmp_path / "build"))
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    children: list[int] = []
+    while time.time() < deadline and len(children) < 2:
+        time.sleep(1)
+        out = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout.split()
+        children = [int(p) for p in out if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(children) == 2, "the build did not start its two workers"
+    time.sleep(3)  # let the workers set their parent-death signal
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+
+    def running(pid: int) -> bool:  # gone, or a zombie nobody reaped yet, counts as ended
+        try:
+            state = next(
+                x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("State")
+            )
+        except (FileNotFoundError, StopIteration):
+            return False
+        return "Z" not in state.split()[1]
+
+    deadline = time.time() + 30
+    while time.time() < deadline and any(running(c) for c in children):
+        time.sleep(0.5)
+    assert not any(running(c) for c in children)

@@ -297,9 +297,49 @@ def test_user_errors_are_one_clear_line(ws, tmp_path, capsys, override, message)
     assert not (tmp_path / "err" / "checkpoints").exists()
 
 
-def test_mismatched_tokenizers_are_refused(ws, tmp_path, capsys):
-    err = _error(capsys, base_args(ws, tmp_path) + [f"augment.name_or_path={ws['other_augment']}"])
-    assert "tokenise" in err and "this release needs models that share a tokenizer" in err
+def test_an_augment_with_its_own_tokenizer_trains_and_evaluates(ws, tmp_path):
+    """A byte-level BPE augment beside the anchor's character tokenizer: the pair is aligned
+    through characters (logged), trains, saves which tokenizer each model reads, and comm-eval
+    scores the saved composition by loss and by generation."""
+    import json
+
+    from tests import tokenizer_zoo as zoo
+    from tests.conftest import tiny_model
+    from tests.helpers import run_in_process
+
+    bpe_dir = tmp_path / "bpe_augment"
+    tokenizer = zoo.gpt2_bpe()
+    tiny_model("qwen2", seed=4, width=32, layers=2, vocab=len(tokenizer)).save_pretrained(bpe_dir)
+    tokenizer.save_pretrained(bpe_dir)
+    assert run_train(base_args(ws, tmp_path, "aligned") + [f"augment.name_or_path={bpe_dir}"]) == 0
+    assert "has its own tokenizer" in (tmp_path / "aligned" / "train.log").read_text()
+    saved = json.loads((tmp_path / "aligned" / "composition" / "composition_config.json").read_text())
+    assert saved["augments"][0]["tokens"] == "aligned"
+    assert saved["augments"][0]["model"]["tokenizer"] == str(bpe_dir)
+    assert saved["anchor"]["tokenizer"] == str(ws["anchor"])
+
+    from comm_cli.eval import main as eval_main
+
+    args = [
+        "name=eval_aligned",
+        f"output_root={tmp_path}",
+        f"checkpoint={tmp_path / 'aligned' / 'composition'}",
+        f"anchor.name_or_path={ws['anchor']}",
+        f"augment.name_or_path={bpe_dir}",
+        "~task@tasks.kv_arithmetic_heldout",
+        "~task@tasks.kv_substitution_heldout",
+        "~task@tasks.numeric_arithmetic",
+        "~task@tasks.key_lookup",
+        "+task@tasks.qa=jsonl_qa",
+        f"tasks.qa.data.data_files={ws['data']}",
+        "tasks.qa.max_examples=6",
+        "tasks.qa.max_new_tokens=3",
+        "tasks.qa.metrics=[loss,exact_match]",
+        "logger=none",
+    ]
+    assert run_in_process(eval_main, "comm-eval", args) == 0
+    rows = json.loads((tmp_path / "eval_aligned" / "results.json").read_text())["results"]
+    assert {r["metric"] for r in rows} >= {"loss", "exact_match"}
 
 
 def test_config_typos_and_wrong_types_fail_before_any_model_loads(ws, tmp_path):

@@ -45,6 +45,25 @@ KNOWN_BLOCK_PATHS: dict[str, str] = {
     "opt": "model.decoder.layers",
 }
 
+# Bidirectional encoders (augments in prompt mode only): model_type -> paths of their layers in
+# the base model (AutoModel / T5EncoderModel) or in a *ForMaskedLM wrapper.
+ENCODER_BLOCK_PATHS: dict[str, tuple[str, ...]] = {
+    "bert": ("encoder.layer", "bert.encoder.layer"),
+    "roberta": ("encoder.layer", "roberta.encoder.layer"),
+    "xlm-roberta": ("encoder.layer", "roberta.encoder.layer"),
+    "camembert": ("encoder.layer", "roberta.encoder.layer"),
+    "electra": ("encoder.layer", "electra.encoder.layer"),
+    "deberta-v2": ("encoder.layer", "deberta.encoder.layer"),
+    "distilbert": ("transformer.layer", "distilbert.transformer.layer"),
+    "modernbert": ("layers", "model.layers"),
+    "t5": ("encoder.block",),
+    "mt5": ("encoder.block",),
+    "umt5": ("encoder.block",),
+}
+# Encoders whose position ids count from the padding index: they build them from input_ids
+# themselves (padding-aware), so comm must not pass its own.
+_OWN_POSITION_IDS = ("roberta", "xlm-roberta", "camembert")
+
 # Tried in order for a model_type not listed above.
 FALLBACK_BLOCK_PATHS = (
     "model.layers",
@@ -115,6 +134,8 @@ def find_blocks(model: nn.Module, block_path: str | None = None) -> Blocks:
     depth = num_layers(config) if config is not None else None
     if block_path is not None:
         candidates = [block_path]
+    elif config is not None and is_encoder(config):
+        candidates = list(ENCODER_BLOCK_PATHS[model_type])
     elif model_type in KNOWN_BLOCK_PATHS:
         candidates = [KNOWN_BLOCK_PATHS[model_type]]
     else:
@@ -146,3 +167,29 @@ def truncate_blocks(blocks: Blocks, keep: int) -> None:
         kept = nn.ModuleList(list(blocks.layers)[:keep])
         setattr(blocks.parent, blocks.attr, kept)
         blocks.layers = kept
+
+
+def is_encoder(config) -> bool:
+    """A bidirectional encoder (BERT, RoBERTa, XLM-R, ModernBERT, the encoder of T5/mT5): every
+    token sees the whole text, so it can only be an augment in prompt mode. A BERT configured
+    as a decoder (``is_decoder=True``) is causal and not one."""
+    return getattr(config, "model_type", None) in ENCODER_BLOCK_PATHS and not getattr(
+        config, "is_decoder", False
+    )
+
+
+def encoder_in_causal_mode(index: int, name: str) -> str:
+    return (
+        f"augment {index} ({name}) is a bidirectional encoder: every token of it sees the whole text, so in "
+        "mask_mode=causal the anchor would read the future through it; use mask_mode=prompt (the encoder "
+        "reads the prompt once)"
+    )
+
+
+def takes_position_ids(model: nn.Module) -> bool:
+    """Whether comm should pass position ids (counted over real tokens, for padding invariance)."""
+    import inspect
+
+    if getattr(getattr(model, "config", None), "model_type", None) in _OWN_POSITION_IDS:
+        return False
+    return "position_ids" in inspect.signature(model.forward).parameters

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,20 +26,36 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from comm_cli.compose.blocks import find_blocks, hidden_size, num_layers, truncate_blocks
+from comm_cli.compose.blocks import (
+    encoder_in_causal_mode,
+    find_blocks,
+    hidden_size,
+    is_encoder,
+    num_layers,
+    takes_position_ids,
+    truncate_blocks,
+)
 from comm_cli.compose.bridge import Bridge
 from comm_cli.compose.loading import (
     canonical_name,
     dtype_name,
+    load_augment_model,
     load_causal_lm,
     load_model_config,
     torch_dtype,
 )
 from comm_cli.compose.mapping import resolve_connections
-from comm_cli.compose.masks import CrossAttentionMask, cross_attention_mask, positions_from_mask
+from comm_cli.compose.masks import (
+    CrossAttentionMask,
+    aligned_mask,
+    cross_attention_mask,
+    positions_from_mask,
+)
 from comm_cli.compose.specs import AugmentSpec, BridgeConfig, CompositionConfig, MappingSpec, ModelSpec
 from comm_cli.errors import ConfigError
 from comm_cli.losses import next_token_loss
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,29 +68,37 @@ class CompositionOutput:
 @dataclass
 class CompositionCache:
     """Decoding state: the anchor's and each augment's own KV cache, the bridges' cross-attention
-    keys/values over the augment positions seen so far, and which of those positions are real."""
+    keys/values over the augment positions seen so far, and per augment which of those positions
+    are real (``key_valid``) and, for an augment with its own tokenizer, the augment's attention
+    mask so far and when each of its tokens was final (``key_settled``). ``anchor_ends`` holds the
+    character ends of the anchor tokens seen so far (aligned augments only)."""
 
     anchor: object
     augments: list[object | None]
     bridge_kv: list[tuple[torch.Tensor, torch.Tensor] | None]
-    key_valid: torch.Tensor | None = None
-    key_positions: torch.Tensor | None = None
+    key_valid: list[torch.Tensor | None] = field(default_factory=list)
+    key_settled: list[torch.Tensor | None] = field(default_factory=list)
+    key_positions: list[torch.Tensor | None] = field(default_factory=list)
+    anchor_ends: torch.Tensor | None = None
+    anchor_real: torch.Tensor | None = None
     seen: int = 0
 
 
 @dataclass
 class _ActiveBridges:
-    """What the anchor-layer hooks read during one forward pass."""
+    """What the anchor-layer hooks read during one forward pass: keys/values per bridge, and per
+    augmenting model its cross-attention mask and the rotary positions of the anchor queries."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
-    mask: CrossAttentionMask
-    query_positions: torch.Tensor
+    masks: list[CrossAttentionMask]
+    query_positions: list[torch.Tensor]
     masks_by_device: dict = field(default_factory=dict)
 
-    def mask_on(self, device: torch.device) -> CrossAttentionMask:
-        if device not in self.masks_by_device:
-            self.masks_by_device[device] = self.mask.to(device)
-        return self.masks_by_device[device]
+    def mask_on(self, augment: int, device: torch.device) -> CrossAttentionMask:
+        key = (augment, device)
+        if key not in self.masks_by_device:
+            self.masks_by_device[key] = self.masks[augment].to(device)
+        return self.masks_by_device[key]
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -100,7 +125,11 @@ class ComposedModel(nn.Module):
         self.mask_mode = config.mask_mode
         self.anchor = anchor
         anchor_blocks = find_blocks(anchor, config.anchor.block_path)
-        self._anchor_layers = anchor_blocks.layers
+        # A plain list, not a registered submodule: registered, the anchor's layers would appear
+        # twice in state_dict() (as anchor.* and _anchor_layers.*), and tools that drop frozen
+        # weights by parameter name (DeepSpeed's exclude_frozen_parameters, DCP's
+        # ignore_frozen_params) would keep the second copy.
+        self._anchor_layers = list(anchor_blocks.layers)
         anchor_depth = len(anchor_blocks.layers)
         anchor_dim = hidden_size(anchor.config)
         self._anchor_cache_kw = _cache_kwarg(anchor)
@@ -113,6 +142,13 @@ class ComposedModel(nn.Module):
         self.bridges = nn.ModuleList()
         self._augment_cache_kw: list[str] = []
         self._augment_configs = []
+        self._is_encoder: list[bool] = []
+        self._augment_takes_positions: list[bool] = []
+        # Per augmenting model: None when it reads the anchor's tokens, else the TokenReaders
+        # that align its tokenizer to the anchor's (see use_tokenizers).
+        self.anchor_tokenizer = None
+        self.anchor_reader = None
+        self.augment_readers: list = [None] * len(config.augments)
         self._capture_layers: list[list[int]] = []
         self.bridge_connections: list[
             tuple[int, int, int]
@@ -128,11 +164,16 @@ class ComposedModel(nn.Module):
             spec.connections = [list(c) for c in connections]
             augment_dim = hidden_size(augment.config)
             self._augment_configs.append(augment.config)
+            encoder = is_encoder(augment.config)
+            if encoder and config.mask_mode == "causal":
+                raise ConfigError(encoder_in_causal_mode(index, spec.model.name_or_path))
+            self._is_encoder.append(encoder)
             last = max(a for a, _ in connections)
             truncate_blocks(blocks, last + 1)
             base = augment.base_model
             self.augments.append(base)
             self._augment_cache_kw.append(_cache_kwarg(base))
+            self._augment_takes_positions.append(takes_position_ids(base))
             layers = sorted({a for a, _ in connections})
             self._capture_layers.append(layers)
             for layer in layers:
@@ -198,7 +239,7 @@ class ComposedModel(nn.Module):
         check_config(config)
         anchor = load_causal_lm(config.anchor, "anchor model", device)
         augments = [
-            load_causal_lm(spec.model, f"augmenting model {i}", device)
+            load_augment_model(spec.model, f"augmenting model {i}", device)
             for i, spec in enumerate(config.augments)
         ]
         return cls(anchor, augments, config)
@@ -222,6 +263,75 @@ class ComposedModel(nn.Module):
         from comm_cli.compose.saving import save_composition
 
         return save_composition(self, directory)
+
+    # ------------------------------------------------------------------ tokenizers
+
+    def use_tokenizers(
+        self, anchor_tokenizer, augment_tokenizers: Sequence, texts: Sequence[str] = ()
+    ) -> None:
+        """Attach the models' tokenizers and decide, per augmenting model, whether it reads the
+        anchor's token ids (same tokenizer) or its own tokens lined up through characters
+        (``comm_cli.compose.alignment``). ``texts`` (e.g. a sample of the data) join the probe
+        texts the tokenizers are compared on. The decision is logged and recorded in the config."""
+        from comm_cli.compose.alignment import TokenReader, plan_alignment
+
+        names = [f"augment {i} ({spec.model.name_or_path})" for i, spec in enumerate(self.config.augments)]
+        readers = plan_alignment(
+            anchor_tokenizer, augment_tokenizers, names, texts, [s.tokens for s in self.config.augments]
+        )
+        anchor_reader = TokenReader(anchor_tokenizer, "the anchor", settle=False) if any(readers) else None
+        self.set_readers(anchor_tokenizer, anchor_reader, readers)
+
+    def attach_saved_tokenizers(self) -> None:
+        """Load each model's tokenizer from where its spec says (``tokenizer``, else the model's
+        own directory or id) and attach them (``use_tokenizers``). An augmenting model that ships
+        no tokenizer is taken to share the anchor's; the sources are recorded in the config."""
+        from comm_cli.compose.loading import load_tokenizer
+        from comm_cli.errors import ModelLoadError
+
+        anchor_spec = self.config.anchor
+        anchor_spec.tokenizer = anchor_spec.tokenizer or anchor_spec.name_or_path
+        anchor_tokenizer = load_tokenizer(anchor_spec.tokenizer, anchor_spec, "anchor model's tokenizer")
+        augment_tokenizers = []
+        for i, spec in enumerate(self.config.augments):
+            source = spec.model.tokenizer or spec.model.name_or_path
+            try:
+                augment_tokenizers.append(
+                    load_tokenizer(source, spec.model, f"augmenting model {i}'s tokenizer")
+                )
+                spec.model.tokenizer = source
+            except ModelLoadError:
+                if spec.tokens == "aligned":
+                    raise
+                logger.warning(
+                    "augmenting model %d (%s) ships no tokenizer: it reads the anchor's ids", i, source
+                )
+                augment_tokenizers.append(None)
+        self.use_tokenizers(anchor_tokenizer, augment_tokenizers)
+
+    def set_readers(self, anchor_tokenizer, anchor_reader, augment_readers: Sequence) -> None:
+        """Attach already-decided readers (``comm_cli.compose.alignment.plan_alignment``)."""
+        for spec, reader in zip(self.config.augments, augment_readers):
+            if reader is not None and self.mask_mode == "causal" and reader.rule == "none":
+                raise ConfigError(f"{reader.name}: its reader has no settle rule, which causal mode needs")
+            spec.tokens = "aligned" if reader is not None else "shared"
+        self.anchor_tokenizer = anchor_tokenizer
+        self.anchor_reader = anchor_reader
+        self.augment_readers = list(augment_readers)
+
+    @property
+    def aligned(self) -> bool:
+        """Whether some augmenting model reads its own tokens."""
+        return any(reader is not None for reader in self.augment_readers)
+
+    def read_plan(self):
+        """How the models read text (``comm_cli.compose.alignment.ReadPlan``; None: all read the
+        anchor's ids), for building data the way this composition reads it."""
+        from comm_cli.compose.alignment import ReadPlan
+
+        if not self.aligned:
+            return None
+        return ReadPlan(self.anchor_reader, list(self.augment_readers), self.mask_mode)
 
     # ------------------------------------------------------------------ frozen bases
 
@@ -301,20 +411,25 @@ class ComposedModel(nn.Module):
             if active is None:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            mask = active.mask_on(hidden.device)
             delta = None
             for i in bridge_indices:
+                if active.kv[i] is None:  # no augment token in the whole batch yet
+                    continue
+                augment = self.bridge_connections[i][0]
+                mask = active.mask_on(augment, hidden.device)
                 keys, values = active.kv[i]
                 out = self.bridges[i](
                     hidden,
                     keys,
                     values,
-                    active.query_positions,
+                    active.query_positions[augment],
                     attn_mask=mask.attn_mask,
                     is_causal=mask.is_causal,
                     query_valid=mask.query_valid,
                 )
                 delta = out if delta is None else delta + out
+            if delta is None:
+                return None
             hidden = hidden + delta
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -325,13 +440,17 @@ class ComposedModel(nn.Module):
     def new_cache(self) -> CompositionCache:
         from transformers import DynamicCache
 
+        count = len(self.augments)
         return CompositionCache(
             anchor=DynamicCache(config=self.anchor.config),
             augments=[
-                DynamicCache(config=cfg) if self.mask_mode == "causal" else None
-                for cfg in self._augment_configs
+                DynamicCache(config=cfg) if self.mask_mode == "causal" and not self._is_encoder[i] else None
+                for i, cfg in enumerate(self._augment_configs)
             ],
             bridge_kv=[None] * len(self.bridges),
+            key_valid=[None] * count,
+            key_settled=[None] * count,
+            key_positions=[None] * count,
         )
 
     @torch.no_grad()
@@ -349,17 +468,36 @@ class ComposedModel(nn.Module):
         self._captured = {}
         try:
             kwargs = {self._augment_cache_kw[augment_index]: cache} if cache is not None else {}
-            base(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                position_ids=position_ids.to(device),
-                use_cache=cache is not None,
-                **kwargs,
-            )
+            if self._augment_takes_positions[augment_index]:
+                kwargs["position_ids"] = position_ids.to(device)
+            if not self._is_encoder[augment_index]:
+                kwargs["use_cache"] = cache is not None
+            base(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
             captured = self._captured
         finally:
             self._captured = None
         return {layer: captured[(augment_index, layer)] for layer in self._capture_layers[augment_index]}
+
+    def _keys_values(self, augment_index: int, states: dict[int, torch.Tensor], positions: torch.Tensor):
+        """{bridge index: (keys, values)} for the bridges fed by one augmenting model."""
+        return {
+            i: self.bridges[i].keys_values(states[a], positions)
+            for i, (index, a, _) in enumerate(self.bridge_connections)
+            if index == augment_index
+        }
+
+    def _append_kv(self, cache: CompositionCache | None, new: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        """Append new keys/values to the cached ones (when decoding); returns the full ones."""
+        if cache is None:
+            return new
+        for i, (keys, values) in new.items():
+            old = cache.bridge_kv[i]
+            cache.bridge_kv[i] = (
+                (keys, values)
+                if old is None
+                else (torch.cat([old[0], keys], 2), torch.cat([old[1], values], 2))
+            )
+        return {i: cache.bridge_kv[i] for i in new}
 
     def _bridge_inputs(
         self,
@@ -369,40 +507,104 @@ class ComposedModel(nn.Module):
         full_positions: torch.Tensor,
         augment_attention_mask: torch.Tensor | None,
         cache: CompositionCache | None,
-        augment_states: Sequence[dict[int, torch.Tensor]] | None,
+        augment_states: Sequence[dict[int, torch.Tensor] | None] | None,
+        anchor_ends: torch.Tensor | None,
+        augment_inputs: Sequence[dict[str, torch.Tensor] | None] | None,
     ) -> _ActiveBridges:
+        count = len(self.augments)
+        aligned = list(augment_inputs) if augment_inputs is not None else [None] * count
+        if len(aligned) != count:
+            raise ValueError(f"augment_inputs has {len(aligned)} entries for {count} augmenting models")
+        states_given = list(augment_states) if augment_states is not None else [None] * count
+        kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        masks: list[CrossAttentionMask | None] = [None] * count
+        query_positions: list[torch.Tensor | None] = [None] * count
+        shared = [k for k in range(count) if aligned[k] is None]
+        if shared:
+            shared_mask = self._shared_inputs(
+                shared,
+                input_ids,
+                attention_mask,
+                position_ids,
+                full_positions,
+                augment_attention_mask,
+                cache,
+                states_given,
+                kv,
+            )
+            for k in shared:
+                masks[k], query_positions[k] = shared_mask, position_ids
+        if len(shared) < count:
+            if anchor_ends is None:
+                raise ValueError(
+                    "an augmenting model with its own tokenizer needs anchor_ends (character end of each anchor token)"
+                )
+            ends_all, real_all = anchor_ends, attention_mask[:, -input_ids.shape[1] :].bool()
+            if cache is not None:
+                ends_all = (
+                    anchor_ends
+                    if cache.anchor_ends is None
+                    else torch.cat([cache.anchor_ends, anchor_ends], 1)
+                )
+                real_all = (
+                    real_all if cache.anchor_real is None else torch.cat([cache.anchor_real, real_all], 1)
+                )
+                cache.anchor_ends, cache.anchor_real = ends_all, real_all
+            for k in range(count):
+                if aligned[k] is not None:
+                    masks[k], query_positions[k] = self._aligned_inputs(
+                        k,
+                        aligned[k],
+                        anchor_ends,
+                        position_ids,
+                        ends_all,
+                        real_all,
+                        cache,
+                        states_given[k],
+                        kv,
+                    )
+        return _ActiveBridges(
+            kv=[kv.get(i) for i in range(len(self.bridges))], masks=masks, query_positions=query_positions
+        )
+
+    def _shared_inputs(
+        self,
+        indices,
+        input_ids,
+        attention_mask,
+        position_ids,
+        full_positions,
+        augment_attention_mask,
+        cache,
+        states_given,
+        kv,
+    ) -> CrossAttentionMask:
+        """Augmenting models that read the anchor's own tokens: masks by column (today's path)."""
         past = cache.seen if cache is not None else 0
         num_queries = input_ids.shape[1]
 
-        def compute_kv(ids, mask, positions, caches):
-            kv = []
-            per_augment = []
-            for index in range(len(self.augments)):
-                if augment_states is not None:
-                    # precomputed states may be padded past the key columns (prompt mode)
-                    per_augment.append({k: v[:, : ids.shape[1]] for k, v in augment_states[index].items()})
-                else:
-                    per_augment.append(
-                        self.augment_states(index, ids, mask, positions, caches[index] if caches else None)
-                    )
-            for bridge, (index, a, _) in zip(self.bridges, self.bridge_connections):
-                kv.append(bridge.keys_values(per_augment[index][a], positions))
-            return kv
+        def states_of(k, ids, mask, positions):
+            if states_given[k] is not None:
+                # precomputed states may be padded past the key columns (prompt mode)
+                return {layer: v[:, : ids.shape[1]] for layer, v in states_given[k].items()}
+            return self.augment_states(
+                k, ids, mask, positions, cache.augments[k] if cache is not None else None
+            )
 
         if self.mask_mode == "causal":
-            kv = compute_kv(
-                input_ids, attention_mask, position_ids, cache.augments if cache is not None else None
-            )
-            if cache is not None:
-                kv = [
-                    new if old is None else (torch.cat([old[0], new[0]], 2), torch.cat([old[1], new[1]], 2))
-                    for old, new in zip(cache.bridge_kv, kv)
-                ]
-                cache.bridge_kv = kv
+            for k in indices:
+                new = self._keys_values(
+                    k, states_of(k, input_ids, attention_mask, position_ids), position_ids
+                )
+                kv.update(self._append_kv(cache, new))
             key_valid = attention_mask
         else:
-            if cache is not None and cache.key_valid is not None:
-                kv, key_valid = cache.bridge_kv, cache.key_valid
+            first = indices[0]
+            if cache is not None and cache.key_valid[first] is not None:
+                key_valid = cache.key_valid[first]
+                kv.update(
+                    {i: cache.bridge_kv[i] for i, c in enumerate(self.bridge_connections) if c[0] in indices}
+                )
             else:
                 if past != 0:
                     raise ValueError("prompt mode: the first cached forward must contain the prompt")
@@ -414,11 +616,63 @@ class ComposedModel(nn.Module):
                 prompt_columns = prompt_mask.bool().any(0).nonzero()
                 end = int(prompt_columns.max()) + 1 if len(prompt_columns) else 1
                 key_valid = prompt_mask[:, :end]
-                kv = compute_kv(input_ids[:, :end], key_valid, full_positions[:, :end], None)
-                if cache is not None:
-                    cache.bridge_kv, cache.key_valid = kv, key_valid
-        mask = cross_attention_mask(key_valid, num_queries, past, self.mask_mode)
-        return _ActiveBridges(kv=kv, mask=mask, query_positions=position_ids)
+                for k in indices:
+                    states = states_of(k, input_ids[:, :end], key_valid, full_positions[:, :end])
+                    new = self._keys_values(k, states, full_positions[:, :end])
+                    kv.update(self._append_kv(cache, new))
+                    if cache is not None:
+                        cache.key_valid[k] = key_valid
+        return cross_attention_mask(key_valid, num_queries, past, self.mask_mode)
+
+    def _aligned_inputs(
+        self, k, inputs, anchor_ends, position_ids, ends_all, real_all, cache, states_given, kv
+    ) -> tuple[CrossAttentionMask, torch.Tensor]:
+        """An augmenting model with its own tokenizer: it reads its own tokens, and anchor token i
+        reads augment token j once j is final by the end of i's text (alignment.py)."""
+        ids, new_mask = inputs["input_ids"], inputs["attention_mask"]
+        scale = self.config.bridge.aligned_positions
+        if self.mask_mode == "prompt" and cache is not None and cache.key_valid[k] is not None:
+            key_valid = cache.key_valid[k]
+            kv.update({i: cache.bridge_kv[i] for i, c in enumerate(self.bridge_connections) if c[0] == k})
+            key_settled = cache.key_settled[k]
+        else:
+            old_mask = cache.key_valid[k] if cache is not None else None
+            key_valid = new_mask if old_mask is None else torch.cat([old_mask, new_mask], 1)
+            settled = inputs.get("settled_at")
+            if self.mask_mode == "causal" and settled is None:
+                raise ValueError(f"augment_inputs[{k}] needs settled_at in causal mode")
+            old_settled = cache.key_settled[k] if cache is not None else None
+            key_settled = (
+                settled if old_settled is None or settled is None else torch.cat([old_settled, settled], 1)
+            )
+            if ids.shape[1] > 0:
+                past = key_valid.shape[1] - ids.shape[1]
+                positions = positions_from_mask(key_valid)[:, past:]
+                if states_given is not None:
+                    states = {layer: v[:, : ids.shape[1]] for layer, v in states_given.items()}
+                else:
+                    own_cache = cache.augments[k] if cache is not None else None
+                    states = self.augment_states(k, ids, key_valid, positions, own_cache)
+                key_pos = self._aligned_key_positions(scale, inputs, settled, ends_all, real_all)
+                kv.update(self._append_kv(cache, self._keys_values(k, states, key_pos)))
+            else:
+                kv.update({i: cache.bridge_kv[i] for i, c in enumerate(self.bridge_connections) if c[0] == k})
+            if cache is not None:
+                cache.key_valid[k], cache.key_settled[k] = key_valid, key_settled
+        mask = aligned_mask(key_valid, key_settled, anchor_ends, self.mask_mode)
+        query_positions = anchor_ends if scale == "chars" else position_ids
+        return mask, query_positions
+
+    @staticmethod
+    def _aligned_key_positions(scale, inputs, settled, ends_all, real_all) -> torch.Tensor:
+        """Rotary positions of augment keys on the anchor queries' scale: the character end of the
+        token ("chars"), or the index of the first anchor token that may read it ("anchor_tokens")."""
+        if scale == "chars":
+            return inputs["ends"]
+        if settled is None:  # prompt mode: every anchor token reads every key
+            return torch.zeros_like(inputs["input_ids"])
+        earlier = (ends_all[:, None, :] < settled[:, :, None]) & real_all[:, None, :]
+        return earlier.sum(-1)
 
     def forward(
         self,
@@ -430,15 +684,24 @@ class ComposedModel(nn.Module):
         cache: CompositionCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
-        augment_states: Sequence[dict[int, torch.Tensor]] | None = None,
+        augment_states: Sequence[dict[int, torch.Tensor] | None] | None = None,
+        anchor_ends: torch.Tensor | None = None,
+        augment_inputs: Sequence[dict[str, torch.Tensor] | None] | None = None,
     ) -> CompositionOutput:
         """Logits of the composition (and the mean next-token loss over ``labels`` != -100).
 
         ``attention_mask`` covers the cached columns plus these ones (HF convention); positions
         count only real tokens, so left and right padding give the same logits on real tokens.
         ``augment_attention_mask`` marks the prompt tokens in prompt mode (default: all real
-        tokens). ``augment_states`` (precomputed connected-layer outputs per augment) skips the
-        augmenting models.
+        tokens). ``augment_states`` (precomputed connected-layer outputs per augment, or None
+        for one to run) skips the augmenting models.
+
+        An augmenting model with its own tokenizer reads its own tokens: ``augment_inputs[k]`` is
+        a dict with ``input_ids``, ``attention_mask`` (its new columns only when decoding with a
+        cache), ``settled_at`` (causal mode: the text length from which each token is final) and
+        ``ends`` (character end of each token), and ``anchor_ends`` gives the character end of
+        each anchor token (see ``comm_cli.compose.alignment``). ``None`` entries (or no
+        ``augment_inputs``) read the anchor's tokens.
         """
         batch, length = input_ids.shape
         if use_cache and cache is None:
@@ -463,6 +726,8 @@ class ComposedModel(nn.Module):
                 augment_attention_mask,
                 cache,
                 augment_states,
+                anchor_ends,
+                augment_inputs,
             )
         anchor_kwargs = {self._anchor_cache_kw: cache.anchor} if cache is not None else {}
         try:
@@ -516,6 +781,8 @@ def check_config(config: CompositionConfig) -> list[list[tuple[int, int]]]:
     resolved = []
     for i, spec in enumerate(config.augments):
         augment_config = load_model_config(spec.model, f"augmenting model {i}")
+        if is_encoder(augment_config) and config.mask_mode == "causal":
+            raise ConfigError(encoder_in_causal_mode(i, spec.model.name_or_path))
         resolved.append(
             resolve_connections(
                 MappingSpec(pairs=spec.connections) if spec.connections else spec.mapping,

@@ -9,7 +9,7 @@ at every step: slow, but the reference the cached path must match.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,12 +74,21 @@ def generate(
     generator: torch.Generator | None = None,
     output_scores: bool = False,
     return_dict: bool = False,
+    prompts: Sequence[str] | None = None,
+    stopping: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor | GenerationOutput:
     """Generate up to ``max_new_tokens`` after each prompt row.
 
     Rows stop at an ``eos_token_id`` (int or list) and are then filled with ``pad_token_id``.
-    Right-padded prompts are moved to left padding first. Returns the sequences (prompt +
+    ``stopping(sequences, prompt_length)`` -> bool (batch,) marks further rows as done after each
+    step (e.g. a stop string has appeared in their text; evaluation uses it). Right-padded prompts
+    are moved to left padding first. Returns the sequences (prompt +
     new tokens), or a GenerationOutput with ``return_dict=True``.
+
+    A composition with an augmenting model that has its own tokenizer also needs the prompt
+    texts (``prompts``, one per row, the texts ``input_ids`` were made from): the augment reads
+    the text through its own tokenizer, and in causal mode each token of it is fed (through its
+    KV cache) as soon as the generated text makes it final, never before.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -113,9 +122,20 @@ def generate(
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     eos_tensor = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype) if eos else None
     cache = model.new_cache() if use_cache else None
+    feed = None
+    if getattr(model, "aligned", False) and model._bridges_enabled:
+        if prompts is None or len(prompts) != input_ids.shape[0]:
+            raise ValueError(
+                "this composition reads text through more than one tokenizer: pass prompts=[...] (one prompt "
+                "text per row, the texts input_ids were made from)"
+            )
+        feed = AlignedFeed(model, list(prompts), input_ids, attention_mask)
     try:
         if max_new_tokens > 0:
-            out = model(input_ids, attention_mask, cache=cache, use_cache=use_cache, logits_to_keep=1)
+            extra = feed.first() if feed is not None else {}
+            out = model(
+                input_ids, attention_mask, cache=cache, use_cache=use_cache, logits_to_keep=1, **extra
+            )
         for step in range(max_new_tokens):
             logits = out.logits[:, -1, :].float()
             if output_scores:
@@ -125,22 +145,31 @@ def generate(
                 next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
             else:
                 next_tokens = logits.argmax(dim=-1)
+            unfinished_before = unfinished
             next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
             sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             if eos_tensor is not None:
                 unfinished = unfinished & ~torch.isin(next_tokens, eos_tensor)
+            if stopping is not None:
+                unfinished = unfinished & ~stopping(sequences, prompt_length).to(unfinished.device)
             if step == max_new_tokens - 1 or not bool(unfinished.any()):
                 break
+            if feed is not None:
+                feed.push(next_tokens, unfinished_before)
             if use_cache:
-                out = model(next_tokens[:, None], attention_mask, cache=cache, use_cache=True)
+                extra = feed.step() if feed is not None else {}
+                out = model(next_tokens[:, None], attention_mask, cache=cache, use_cache=True, **extra)
             else:
                 augment_mask = None
                 if model.mask_mode == "prompt":
                     augment_mask = torch.cat(
                         [prompt_mask, torch.zeros_like(attention_mask[:, prompt_length:])], dim=1
                     )
-                out = model(sequences, attention_mask, augment_attention_mask=augment_mask, logits_to_keep=1)
+                extra = feed.whole() if feed is not None else {}
+                out = model(
+                    sequences, attention_mask, augment_attention_mask=augment_mask, logits_to_keep=1, **extra
+                )
     finally:
         model.train(was_training)
     if not return_dict:
@@ -151,3 +180,122 @@ def generate(
         prompt_length=prompt_length,
         scores=scores if output_scores else None,
     )
+
+
+class AlignedFeed:
+    """What an augmenting model with its own tokenizer reads while the anchor generates.
+
+    Per row it keeps the prompt text, the anchor tokens generated so far and the text they spell
+    (``GeneratedText``), and per aligned augment how many of its tokens were fed. ``first()``
+    gives the prompt's inputs, ``step()`` the new token's end and the augment tokens that became
+    final with it (possibly none), ``whole()`` everything for an uncached forward over the text so
+    far: the reference ``step()`` must match.
+    """
+
+    def __init__(self, model, prompts: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        from comm_cli.compose.alignment import GeneratedText, prompt_ends
+
+        self.model, self.prompts = model, prompts
+        self.device = input_ids.device
+        self.prompt_width = input_ids.shape[1]
+        self.prompt_ends = [
+            prompt_ends(model.anchor_reader, prompt, ids[mask.bool()].tolist())
+            for prompt, ids, mask in zip(prompts, input_ids, attention_mask)
+        ]
+        self.texts = [GeneratedText(model.anchor_tokenizer, len(prompt)) for prompt in prompts]
+        self.ends: list[list[int]] = [[] for _ in prompts]  # ends of generated tokens per row
+        self.fed: list[list[list[int]]] = [[[] for _ in prompts] for _ in model.augment_readers]
+        self.last_end = [len(prompt) for prompt in prompts]
+
+    def _pad_id(self, reader) -> int:
+        pad = reader.tokenizer.pad_token_id
+        return int(pad) if pad is not None else 0
+
+    def _reads(self, reader, settled_only: bool):
+        from comm_cli.compose.alignment import TokenizedText
+
+        reads = []
+        for row, prompt in enumerate(self.prompts):
+            if self.model.mask_mode == "prompt":
+                reads.append(reader.read([prompt], add_suffix=True, complete=True))
+                continue
+            segments = [prompt, self.texts[row].text]
+            reads.append(reader.settled_prefix(segments) if settled_only else reader.read(segments))
+        return reads if reads else [TokenizedText([], [], [], [])]
+
+    def _anchor_ends(self, with_prompt: bool = True) -> torch.Tensor:
+        """Ends of every anchor column so far, left-padded like the ids."""
+        rows = [(p if with_prompt else []) + e for p, e in zip(self.prompt_ends, self.ends)]
+        width = self.prompt_width + len(self.ends[0])
+        out = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)  # left padding, as the ids
+        return out.to(self.device)
+
+    def first(self) -> dict:
+        from comm_cli.compose.alignment import pad_reads
+
+        inputs = []
+        for k, reader in enumerate(self.model.augment_readers):
+            if reader is None:
+                inputs.append(None)
+                continue
+            reads = self._reads(reader, settled_only=True)
+            for row, read in enumerate(reads):
+                self.fed[k][row] = list(read.ids)
+            inputs.append(_to(pad_reads(reads, self._pad_id(reader), left=True), self.device))
+        return {"anchor_ends": self._anchor_ends(with_prompt=True), "augment_inputs": inputs}
+
+    def push(self, tokens: torch.Tensor, unfinished: torch.Tensor) -> None:
+        """Record the token each row generated (finished rows generate padding, which adds no text)."""
+        for row, (token, alive) in enumerate(zip(tokens.tolist(), unfinished.tolist())):
+            if alive:
+                self.last_end[row] = self.texts[row].push(token)
+            self.ends[row].append(self.last_end[row])
+
+    def step(self) -> dict:
+        """The last token's end, and the augment tokens it made final."""
+        from comm_cli.compose.alignment import TokenizedText, TokenizerAlignmentError, pad_reads
+
+        inputs = []
+        for k, reader in enumerate(self.model.augment_readers):
+            if reader is None or self.model.mask_mode == "prompt":
+                inputs.append(None if reader is None else _empty(self.device))
+                continue
+            new_reads = []
+            for row, read in enumerate(self._reads(reader, settled_only=True)):
+                fed = self.fed[k][row]
+                if read.ids[: len(fed)] != fed:
+                    raise TokenizerAlignmentError(
+                        f"{reader.name}: tokens already read changed as the text grew (rule {reader.rule}); "
+                        "use mask_mode=prompt with this tokenizer and report it"
+                    )
+                n = len(fed)
+                new_reads.append(
+                    TokenizedText(read.ids[n:], read.ends[n:], read.settled_at[n:], read.prompt_mask[n:])
+                )
+                self.fed[k][row] = list(read.ids)
+            inputs.append(_to(pad_reads(new_reads, self._pad_id(reader)), self.device))
+        ends = torch.tensor([[e[-1]] for e in self.ends], dtype=torch.long, device=self.device)
+        return {"anchor_ends": ends, "augment_inputs": inputs}
+
+    def whole(self) -> dict:
+        """Inputs for an uncached forward over the prompt and everything generated so far."""
+        from comm_cli.compose.alignment import pad_reads
+
+        inputs = [
+            None
+            if reader is None
+            else _to(pad_reads(self._reads(reader, settled_only=False), self._pad_id(reader)), self.device)
+            for reader in self.model.augment_readers
+        ]
+        return {"anchor_ends": self._anchor_ends(with_prompt=True), "augment_inputs": inputs}
+
+
+def _to(batch: dict, device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _empty(device) -> dict:
+    empty = torch.zeros((0, 0), dtype=torch.long, device=device)
+    return {"input_ids": empty, "attention_mask": empty, "settled_at": empty, "ends": empty}

@@ -11,6 +11,7 @@ architecture transformers cannot read) become one-line ModelLoadErrors.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -172,3 +173,78 @@ def load_causal_lm(spec: ModelSpec, what: str = "model", device: str | torch.dev
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def load_augment_model(
+    spec: ModelSpec, what: str = "augmenting model", device: str | torch.device | None = None
+):
+    """An augmenting model: a causal LM, or a bidirectional encoder's base (BERT-like through
+    AutoModel without its pooler, T5/mT5 through their encoder-only classes)."""
+    from comm_cli.compose.blocks import is_encoder
+
+    config = load_model_config(spec, what)
+    if not is_encoder(config):
+        return load_causal_lm(spec, what, device)
+    import transformers
+
+    encoder_classes = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+    cls = getattr(transformers, encoder_classes.get(config.model_type, "AutoModel"))
+    kwargs = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta") else {}
+    try:
+        model = cls.from_pretrained(
+            spec.name_or_path,
+            revision=spec.revision,
+            dtype=torch_dtype(spec.dtype),
+            trust_remote_code=spec.trust_remote_code,
+            **kwargs,
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise _explain(spec, what, err) from err
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _declares_generic_tokenizer(name_or_path: str) -> bool:
+    """A local directory whose tokenizer_config.json declares the generic `tokenizers` backend.
+
+    transformers' AutoTokenizer swaps in the model type's own tokenizer class for some types
+    (qwen2, phi3, ...) even when the directory declares a generic one, which silently re-tokenises
+    a custom tokenizer (e.g. the key-value experiment's character tokenizer saved beside a Qwen2
+    model). The declared class is what the directory means."""
+    path = Path(name_or_path) / "tokenizer_config.json"
+    if not path.is_file() or not (Path(name_or_path) / "tokenizer.json").is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("tokenizer_class") in _GENERIC_TOKENIZER_CLASSES
+    except (OSError, ValueError):
+        return False
+
+
+def load_tokenizer(name_or_path: str, spec: ModelSpec | None = None, what: str = "tokenizer"):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    # A GGUF spec reads its tokenizer from the same file as its weights (unless the spec names
+    # another tokenizer source).
+    gguf = _gguf_kwargs(spec) if spec is not None and name_or_path == spec.name_or_path else {}
+    try:
+        if not gguf and _declares_generic_tokenizer(name_or_path):
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(
+                name_or_path,
+                revision=spec.revision if spec else None,
+                trust_remote_code=spec.trust_remote_code if spec else False,
+                **gguf,
+            )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"cannot load the {what} from '{name_or_path}' ({str(err).splitlines()[0]}): "
+            "set tokenizer=<directory or hub id> to one that has tokenizer files"
+        ) from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -68,3 +68,30 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     left-padded row gets the same positions as the unpadded sequence."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp(min=0)
+
+
+def aligned_mask(
+    key_valid: torch.Tensor, key_settled: torch.Tensor | None, query_ends: torch.Tensor | None, mode: str
+) -> CrossAttentionMask:
+    """Mask for an augmenting model with its own tokenizer (see ``comm_cli.compose.alignment``).
+
+    causal: anchor query i reads augment key j when j is a real token and it is final by the
+    end of query i's text (``key_settled[b, j] <= query_ends[b, i]``); both are character
+    positions, so the comparison is the same whatever the padding. prompt: every query reads
+    every real key (the augment read the prompt only).
+    """
+    key_valid = key_valid.bool()
+    if mode == "causal":
+        allowed = key_valid[:, None, :] & (key_settled[:, None, :] <= query_ends[:, :, None])
+    elif mode == "prompt":
+        if bool(key_valid.all()):
+            return CrossAttentionMask(None, False, None)
+        num_queries = query_ends.shape[1]
+        allowed = key_valid[:, None, :].expand(key_valid.shape[0], num_queries, key_valid.shape[1])
+    else:
+        raise ValueError(f"unknown mask mode {mode!r}")
+    has_key = allowed.any(dim=-1)
+    if bool(has_key.all()):
+        return CrossAttentionMask(allowed[:, None], False, None)
+    allowed = allowed | ~has_key[..., None]
+    return CrossAttentionMask(allowed[:, None], False, has_key)

@@ -66,14 +66,14 @@ def load_composition(cls, directory, anchor=None, augments=None, device=None):
         raise ModelLoadError(f"'{directory}' has no {WEIGHTS_NAME}: the composition was not saved completely")
     if anchor is None or augments is None:
         from comm_cli.compose.composed import check_config
-        from comm_cli.compose.loading import load_causal_lm
+        from comm_cli.compose.loading import load_augment_model, load_causal_lm
 
         check_config(config)
         if anchor is None:
             anchor = load_causal_lm(config.anchor, "anchor model", device)
         if augments is None:
             augments = [
-                load_causal_lm(spec.model, f"augmenting model {i}", device)
+                load_augment_model(spec.model, f"augmenting model {i}", device)
                 for i, spec in enumerate(config.augments)
             ]
     model = cls(anchor, list(augments), config)
@@ -95,4 +95,7 @@ def load_composition(cls, directory, anchor=None, augments=None, device=None):
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(state[key].to(param.dtype))
+    if any(spec.tokens == "aligned" for spec in config.augments):
+        # an augment with its own tokenizer cannot run without it: read them from the recorded sources
+        model.attach_saved_tokenizers()
     return model

@@ -14,6 +14,8 @@ from typing import Any
 from comm_cli.errors import ConfigError
 
 MASK_MODES = ("causal", "prompt")
+TOKEN_PATHS = ("auto", "shared", "aligned")
+ALIGNED_POSITIONS = ("chars", "anchor_tokens")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
@@ -28,6 +30,8 @@ class ModelSpec:
     # Dotted path to the decoder blocks (an nn.ModuleList) inside the *ForCausalLM model, for
     # architectures comm does not know (e.g. "model.layers"). None: discover it.
     block_path: str | None = None
+    # Where its tokenizer comes from (a hub id or directory); None: name_or_path.
+    tokenizer: str | None = None
     # A GGUF checkpoint inside name_or_path (a directory or hub repo): transformers de-quantises it
     # into an ordinary model of ``dtype`` (and reads the tokenizer from it). None: safetensors/bin.
     gguf_file: str | None = None
@@ -78,6 +82,14 @@ class AugmentSpec:
     # Resolved (augment_layer, anchor_layer) pairs with non-negative indices; filled when the
     # composition is built, and what a saved composition records.
     connections: list[list[int]] | None = None
+    # How it reads text: "shared" (the anchor's token ids), "aligned" (its own tokenizer, lined
+    # up with the anchor's through characters) or "auto" (decided by comparing the tokenizers
+    # when they are attached; a saved composition records the decision).
+    tokens: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.tokens not in TOKEN_PATHS:
+            raise ConfigError(f"augment tokens '{self.tokens}' is not one of {list(TOKEN_PATHS)}")
 
 
 @dataclass
@@ -100,6 +112,10 @@ class BridgeConfig:
     # Bridges may train in float32 while the bases run in bf16/fp16.
     dtype: str = "float32"
     dropout: float = 0.0
+    # Rotary positions for an augment with its own tokenizer, where anchor position i and augment
+    # position i are different text: "chars" (queries and keys at the character end of their
+    # token) or "anchor_tokens" (a key at the index of the first anchor token that may read it).
+    aligned_positions: str = "chars"
 
     def __post_init__(self) -> None:
         if self.num_heads < 1:
@@ -108,6 +124,10 @@ class BridgeConfig:
             raise ConfigError(f"bridge.dtype '{self.dtype}' must be one of float32, bfloat16, float16")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"bridge.dropout must be in [0, 1), got {self.dropout}")
+        if self.aligned_positions not in ALIGNED_POSITIONS:
+            raise ConfigError(
+                f"bridge.aligned_positions '{self.aligned_positions}' is not one of {list(ALIGNED_POSITIONS)}"
+            )
 
 
 @dataclass
@@ -141,9 +161,10 @@ class CompositionConfig:
                     model=_build(ModelSpec, aug, "model", where=f"augments[{i}]"),
                     mapping=_build(MappingSpec, aug, "mapping", where=f"augments[{i}]"),
                     connections=aug.get("connections"),
+                    tokens=aug.get("tokens", "auto"),
                 )
             )
-            _warn_unknown(aug, {"model", "mapping", "connections"}, f"augments[{i}]")
+            _warn_unknown(aug, {"model", "mapping", "connections", "tokens"}, f"augments[{i}]")
         bridge = _build(BridgeConfig, data, "bridge", required=False)
         _warn_unknown(
             data, {"anchor", "augments", "bridge", "mask_mode", "comm_version"}, "composition config"

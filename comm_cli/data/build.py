@@ -67,11 +67,14 @@ def eval_rows(data_cfg, cfg=None, seed: int = 0, limit: int | None = None) -> da
     return rows
 
 
-def tokenized_splits(raw: datasets.DatasetDict, tokenizer, data_cfg) -> dict[str, datasets.Dataset]:
-    """Tokenise every split; truncation is reported by ``tokenize_split``."""
+def tokenized_splits(
+    raw: datasets.DatasetDict, tokenizer, data_cfg, plan=None
+) -> dict[str, datasets.Dataset]:
+    """Tokenise every split (``plan``: how augments with their own tokenizers read each example);
+    truncation is reported by ``tokenize_split``."""
     out = {}
     for name, split in raw.items():
-        tokenized, stats = tokenize_split(split, tokenizer, data_cfg)
+        tokenized, stats = tokenize_split(split, tokenizer, data_cfg, split_name=name, plan=plan)
         if stats.num_kept == 0:
             raise DataError(
                 f"the {name} split has no example left after tokenisation (max_length={data_cfg.max_length}): "

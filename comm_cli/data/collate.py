@@ -30,9 +30,21 @@ class CompletionCollator:
     in CALM's "prompt" mask mode (the "causal" mode ignores it).
 
     ``pad_to_multiple_of`` rounds the batch length up (e.g. to 8 for tensor cores).
+
+    Examples of a composition whose augmenting models read their own tokens (``tokenize_split``
+    with a ``ReadPlan``) also carry ``anchor_ends`` and ``augment{k}_*`` columns: they become
+    ``anchor_ends`` (padded like ``input_ids``) and ``augment_inputs`` (one dict per augmenting
+    model, None for one that reads the anchor's ids), padded on the same side with
+    ``augment_pad_ids[k]``.
     """
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
+    def __init__(
+        self,
+        pad_token_id: int,
+        padding_side: str = "right",
+        pad_to_multiple_of: int | None = None,
+        augment_pad_ids: Sequence[int | None] | None = None,
+    ):
         if pad_token_id is None:
             raise DataError(
                 "the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)"
@@ -44,6 +56,7 @@ class CompletionCollator:
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.augment_pad_ids = list(augment_pad_ids) if augment_pad_ids is not None else None
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
@@ -72,12 +85,44 @@ class CompletionCollator:
             attention_mask[i, span] = 1
             labels[i, span] = torch.tensor(row_labels, dtype=torch.long)
             prompt_mask[i, span] = torch.tensor(row_prompt, dtype=torch.long)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "augment_attention_mask": prompt_mask,
         }
+        if "anchor_ends" in examples[0]:
+            self._aligned(examples, batch, length)
+        return batch
+
+    def _aligned(self, examples, batch: dict, length: int) -> None:
+        from comm_cli.compose.alignment import TokenizedText, pad_reads
+
+        left = self.padding_side == "left"
+        ends = torch.zeros((len(examples), length), dtype=torch.long)
+        for i, example in enumerate(examples):
+            row = torch.tensor(_as_list(example["anchor_ends"]), dtype=torch.long)
+            ends[i, slice(length - len(row), length) if left else slice(0, len(row))] = row
+        batch["anchor_ends"] = ends
+        count = len(self.augment_pad_ids) if self.augment_pad_ids is not None else 0
+        inputs = []
+        for k in range(count):
+            if f"augment{k}_input_ids" not in examples[0]:
+                inputs.append(None)
+                continue
+            reads = [
+                TokenizedText(
+                    ids=_as_list(e[f"augment{k}_input_ids"]),
+                    ends=_as_list(e[f"augment{k}_ends"]),
+                    settled_at=_as_list(e[f"augment{k}_settled_at"]),
+                    prompt_mask=[],
+                )
+                for e in examples
+            ]
+            inputs.append(pad_reads(reads, self.augment_pad_ids[k] or 0, left=left))
+        if not any(x is not None for x in inputs):
+            raise ValueError("examples carry anchor_ends but the collator knows no augment_pad_ids")
+        batch["augment_inputs"] = inputs
 
 
 def _as_list(values: Any) -> list[int]:

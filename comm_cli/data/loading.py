@@ -187,6 +187,25 @@ def _check_config(cfg: DataConfig) -> None:
         raise DataError("no dataset given; set data.path (a Hub name or local path) or data.data_files")
 
 
+def check_local_data(cfg: DataConfig) -> None:
+    """What can be checked without reading any data: the config's values, and that every local
+    file it names exists. The CLIs call this before a model is built or an experiment prepares
+    anything, so a typo in a path costs a second, not a model load. A synthetic task
+    (``data.synthetic``) names no files."""
+    if getattr(cfg, "synthetic", None) is not None:
+        return
+    _check_config(cfg)
+    path = os.path.expanduser(cfg.path) if cfg.path is not None else None
+    base_dir = path if path is not None and os.path.isdir(path) else None
+    data_files = _normalise_data_files(cfg.data_files, base_dir)
+    if path is not None and base_dir is None and not os.path.isfile(path) and path not in BUILDERS:
+        if _looks_like_local_file(path):
+            raise DataError(f"data file {cfg.path!r} does not exist; check data.path")
+        return  # a Hub dataset: only loading can tell
+    if data_files is not None:
+        _check_local_files(data_files)
+
+
 def _load(cfg: DataConfig, fields: list[str]) -> datasets.DatasetDict:
     """Resolve ``cfg.path`` / ``cfg.data_files`` to a ``load_dataset`` call and run it."""
     path = os.path.expanduser(cfg.path) if cfg.path is not None else None

@@ -29,6 +29,7 @@ from typing import Any
 
 import datasets
 
+from comm_cli.compose.alignment import ReadPlan
 from comm_cli.data.loading import DataConfig, ensure_text_fields, text_fields
 from comm_cli.errors import DataError
 from comm_cli.losses import IGNORE_INDEX
@@ -57,14 +58,22 @@ class TokenizeStats:
 
 
 def tokenize_split(
-    dataset: datasets.Dataset, tokenizer: Any, cfg: DataConfig, *, split_name: str = "train"
+    dataset: datasets.Dataset,
+    tokenizer: Any,
+    cfg: DataConfig,
+    *,
+    split_name: str = "train",
+    plan: ReadPlan | None = None,
 ) -> tuple[datasets.Dataset, TokenizeStats]:
     """Tokenise ``dataset`` per ``cfg.format``; return the tokenised split and its ``TokenizeStats``.
 
-    The result has exactly the columns ``input_ids``, ``labels`` and ``prompt_mask`` (lists of ints,
-    unpadded; ``CompletionCollator`` pads them). ``split_name`` only labels the log messages.
-    The stats come from per-row columns rather than counters in the map function, so they stay
-    right when ``datasets`` serves the map from its cache.
+    The result has the columns ``input_ids``, ``labels`` and ``prompt_mask`` (lists of ints,
+    unpadded; ``CompletionCollator`` pads them). With a ``plan`` in which augmenting models read
+    their own tokens, it also has ``anchor_ends`` (character end of each anchor token) and, per
+    such augment k, ``augment{k}_input_ids``, ``augment{k}_settled_at`` and ``augment{k}_ends``
+    (see ``comm_cli.compose.alignment``). ``split_name`` only labels the log messages. The stats
+    come from per-row columns rather than counters in the map function, so they stay right when
+    ``datasets`` serves the map from its cache.
     """
     fields = text_fields(cfg)
     if cfg.max_length < 2:
@@ -87,6 +96,7 @@ def tokenize_split(
         bos=bos,
         eos=eos,
         max_length=cfg.max_length,
+        plan=plan if plan is not None and plan.aligned_indices else None,
     )
     tokenized = dataset.map(
         function,
@@ -158,6 +168,7 @@ def _tokenize_batch(
     bos: int | None,
     eos: int | None,
     max_length: int,
+    plan: ReadPlan | None = None,
 ) -> dict[str, list]:
     def encode(field: str) -> list[list[int]]:
         texts = _texts(batch, field, indices)
@@ -168,11 +179,18 @@ def _tokenize_batch(
         prompts: list[list[int]] = [[] for _ in bodies]
     else:
         prompts, bodies = encode(fields[0]), encode(fields[1])
+    segments = [[t] for t in _texts(batch, fields[0], indices)]
+    if not text_format:
+        segments = [[p, c] for (p,), c in zip(segments, _texts(batch, fields[1], indices))]
 
     head = [bos] if bos is not None else []
     tail = [eos] if eos is not None else []
     out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_mask": [], _TRUNCATED: [], _KEEP: []}
-    for prompt, body in zip(prompts, bodies):
+    if plan is not None:
+        out["anchor_ends"] = []
+        for k in plan.aligned_indices:
+            out.update({f"augment{k}_{name}": [] for name in ALIGNED_FIELDS})
+    for prompt, body, texts in zip(prompts, bodies, segments):
         prefix = head + list(prompt)
         target = list(body) + tail
         input_ids = prefix + target
@@ -192,4 +210,51 @@ def _tokenize_batch(
         out["prompt_mask"].append(prompt_mask)
         out[_TRUNCATED].append(truncated)
         out[_KEEP].append(has_loss and not empty)
+        if plan is not None:
+            pieces = [list(prompt), list(body)] if not text_format else [list(body)]
+            _aligned_columns(out, plan, texts, pieces, len(head), len(tail), len(input_ids), max_length)
     return out
+
+
+# Per aligned augment k, the columns augment{k}_<name>.
+ALIGNED_FIELDS = ("input_ids", "settled_at", "ends")
+
+
+def _aligned_columns(
+    out,
+    plan: ReadPlan,
+    texts: list[str],
+    pieces: list[list[int]],
+    n_head: int,
+    n_tail: int,
+    kept: int,
+    max_length: int,
+):
+    """The anchor tokens' character ends and each aligned augment's own tokens of one example.
+
+    The anchor's ids are the ones above ([bos] + prompt + completion + [eos]); its reader gives
+    the same ids with their spans. Tokens the anchor lost to truncation take their augment
+    tokens with them: in causal mode an augment token is kept only if some kept anchor token may
+    read it (final by that token's end)."""
+    ends, offset = [0] * n_head, 0
+    for text, ids in zip(texts, pieces):
+        segment = plan.anchor_reader.segment(text, final=False)
+        if segment.ids != ids:
+            raise DataError(
+                f"the anchor's tokenizer gives other ids through its fast backend than through "
+                f"{type(plan.anchor_reader.tokenizer).__name__} for {text[:30]!r}, so their character spans "
+                "cannot be trusted: load the anchor's tokenizer.json as a PreTrainedTokenizerFast (tokenizer=DIR)"
+            )
+        ends += [offset + e for e in segment.ends]
+        offset += len(text)
+    ends = (ends + [offset] * n_tail)[:kept]
+    out["anchor_ends"].append(ends)
+    for k in plan.aligned_indices:
+        read = plan.augment_read(k, texts)
+        if plan.mask_mode == "causal":
+            keep = sum(1 for s in read.settled_at if s <= ends[-1])
+        else:
+            keep = min(len(read), max_length)
+        out[f"augment{k}_input_ids"].append(read.ids[:keep])
+        out[f"augment{k}_settled_at"].append(read.settled_at[:keep])
+        out[f"augment{k}_ends"].append(read.ends[:keep])

@@ -1,4 +1,4 @@
-"""Metrics: answer extraction, exact match, chrF++/BLEU (sacrebleu), loss and perplexity.
+"""Metrics: answer extraction, exact match, chrF++/BLEU (sacrebleu), loss and perplexity, pass@k.
 
 Extraction is applied to both the generation and the reference, so "first_number" compares the
 numbers and "full" compares whitespace-stripped strings. An experiment brings its own reader as
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from comm_cli.errors import ConfigError
 
-METRICS = ("loss", "exact_match", "chrf", "bleu")
+METRICS = ("loss", "exact_match", "chrf", "bleu", "pass_at_k")
 EXTRACTORS = ("full", "first_number", "last_number", "regex", "module:function")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -85,3 +85,26 @@ def _imported(path: str) -> Callable[[str], str | None]:
     if not callable(function):
         raise ConfigError(f"extract '{path}' is not a function: give package.module:function")
     return function
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimator of pass@k (Chen et al., 2021) from n samples of which c passed:
+    1 - C(n-c, k) / C(n, k), computed as a product so large n does not overflow."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    result = 1.0
+    for i in range(n - c + 1, n + 1):
+        result *= 1.0 - k / i
+    return 1.0 - result
+
+
+def mean_pass_at_k(samples: Sequence[Sequence[bool]], ks: Sequence[int]) -> dict[str, float]:
+    """``pass@k`` averaged over problems, for every k no larger than the smallest sample count."""
+    n_min = min((len(s) for s in samples), default=0)
+    out = {}
+    for k in sorted(set(ks)):
+        if 1 <= k <= n_min:
+            out[f"pass@{k}"] = sum(pass_at_k(len(s), sum(s), k) for s in samples) / len(samples)
+    return out

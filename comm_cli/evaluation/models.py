@@ -41,10 +41,26 @@ class EvalModel:
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch_logits(self.model, batch, composed=isinstance(self.model, ComposedModel))
 
+    @property
+    def read_plan(self):
+        """How a composition's models read text (None for a plain model or a shared tokenizer)."""
+        return self.model.read_plan() if isinstance(self.model, ComposedModel) else None
+
     def generate(
-        self, input_ids, attention_mask, generation, max_new_tokens, eos_token_id, pad_token_id, generator
+        self,
+        input_ids,
+        attention_mask,
+        generation,
+        max_new_tokens,
+        eos_token_id,
+        pad_token_id,
+        generator,
+        stopping=None,
+        prompts=None,
     ):
-        """New tokens (batch, <= max_new_tokens) after left-padded prompts."""
+        """New tokens (batch, <= max_new_tokens) after left-padded prompts. ``stopping`` (a
+        ``StopStrings``) ends a row once a stop string appears in its new text; ``prompts`` are
+        the prompt texts, which a composition with an augment of its own tokenizer reads."""
         kwargs = dict(
             max_new_tokens=max_new_tokens,
             do_sample=generation.do_sample,
@@ -54,10 +70,18 @@ class EvalModel:
         if generation.do_sample:
             kwargs.update(temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p)
         if isinstance(self.model, ComposedModel):
-            out = self.model.generate(input_ids, attention_mask, generator=generator, **kwargs)
+            out = self.model.generate(
+                input_ids, attention_mask, generator=generator, stopping=stopping, prompts=prompts, **kwargs
+            )
         else:
             if generation.do_sample:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            if stopping is not None:
+                from transformers import StoppingCriteriaList
+
+                kwargs["stopping_criteria"] = StoppingCriteriaList(
+                    [stopping.for_transformers(input_ids.shape[1])]
+                )
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

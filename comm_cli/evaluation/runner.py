@@ -2,8 +2,9 @@
 
 Loss is teacher-forced over the tokenised rows (loss on completion tokens, or all tokens for
 text). Generation metrics decode the prompt rows in batches through the model's KV-cached
-``generate`` (a composition's own, or transformers' for plain models) and score the decoded
-continuation.
+``generate`` (a composition's own, or transformers' for plain models), cut at the task's stop
+strings, and score the decoded continuation. Code benchmarks (``pass_at_k``) run each completion
+against the problem's tests in a separate process (``execution``).
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import send_to_device
 
 from comm_cli.data.build import eval_rows
 from comm_cli.data.collate import CompletionCollator
 from comm_cli.data.tokenize import tokenize_split
+from comm_cli.evaluation import code_tasks as C
 from comm_cli.evaluation import metrics as M
+from comm_cli.evaluation.execution import Limits, run_programs
 from comm_cli.evaluation.models import EvalModel
+from comm_cli.evaluation.stopping import StopStrings, cut_at_stops
 from comm_cli.losses import loss_token_count, next_token_loss
+from comm_cli.training.models import augment_pad_ids
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,44 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
+@torch.no_grad()
+def generate_texts(
+    model: EvalModel,
+    tokenizer,
+    prompt_ids,
+    generation,
+    max_new: int,
+    stops,
+    generator,
+    progress=True,
+    desc="",
+    prompts: list[str] | None = None,
+) -> list[list[str]]:
+    """``generation.num_samples`` continuations (one when greedy) of every tokenised prompt,
+    batched (similar lengths together, left-padded) through the model's KV-cached ``generate``,
+    each ended at eos or its first stop string and cut there. ``prompts``: the prompt texts (a
+    composition whose augment has its own tokenizer reads them)."""
+    from tqdm.auto import tqdm
+
+    samples = generation.num_samples if generation.do_sample else 1
+    stopping = StopStrings(tokenizer, stops) if stops else None
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    outputs: list[list[str]] = [[] for _ in prompt_ids]
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    size = generation.batch_size
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        ids, mask = _left_pad([prompt_ids[i] for i in batch], pad, model.device)
+        for _ in range(samples):
+            texts = [prompts[i] for i in batch] if prompts is not None else None
+            new = model.generate(ids, mask, generation, max_new, eos, pad, generator, stopping, prompts=texts)
+            for row, i in zip(new.tolist(), batch):
+                if eos is not None and eos in row:
+                    row = row[: row.index(eos)]
+                outputs[i].append(cut_at_stops(tokenizer.decode(row, skip_special_tokens=True), stops or []))
+    return outputs
+
+
 class TaskRunner:
     def __init__(self, model: EvalModel, tokenizer, generation_cfg, cfg, seed: int, progress: bool = True):
         """``cfg``: the whole eval config, which a synthetic task's generator reads its section of."""
@@ -57,6 +101,10 @@ class TaskRunner:
         self.cfg, self.seed, self.progress = cfg, seed, progress
 
     def run(self, name: str, task) -> TaskResult:
+        if "pass_at_k" in task.metrics:  # check_tasks allows no other metric beside it
+            result = TaskResult(task=name, metrics={}, n=0)
+            self.code_metrics(name, task, result)
+            return result
         rows = eval_rows(task.data, self.cfg, self.seed, task.max_examples)
         result = TaskResult(task=name, metrics={}, n=len(rows))
         if "loss" in task.metrics:
@@ -69,43 +117,43 @@ class TaskRunner:
 
     @torch.no_grad()
     def loss(self, rows, task) -> float:
-        tokenized, _ = tokenize_split(rows, self.tokenizer, task.data)
-        collate = CompletionCollator(self.tokenizer.pad_token_id)
+        plan = self.model.read_plan
+        tokenized, _ = tokenize_split(rows, self.tokenizer, task.data, plan=plan)
+        collate = CompletionCollator(self.tokenizer.pad_token_id, augment_pad_ids=augment_pad_ids(plan))
         total, tokens = 0.0, 0
         batch_size = self.generation.batch_size
         for start in range(0, len(tokenized), batch_size):
             batch = collate([tokenized[i] for i in range(start, min(start + batch_size, len(tokenized)))])
-            batch = {k: v.to(self.model.device) for k, v in batch.items()}
+            batch = send_to_device(batch, self.model.device)
             total += next_token_loss(self.model.logits(batch), batch["labels"], reduction="sum").item()
             tokens += int(loss_token_count(batch["labels"]))
         return total / max(tokens, 1)
 
-    @torch.no_grad()
-    def generation_metrics(self, name, rows, task, wanted, result: TaskResult) -> None:
-        from tqdm.auto import tqdm
+    def generate(self, name: str, prompts: list[str], add_bos: bool, max_new: int, stops) -> list[list[str]]:
+        """``generation.num_samples`` continuations of every prompt (one when greedy)."""
+        generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
+        prompt_ids = _prompt_ids(self.tokenizer, prompts, add_bos)
+        return generate_texts(
+            self.model,
+            self.tokenizer,
+            prompt_ids,
+            self.generation,
+            max_new,
+            stops,
+            generator,
+            self.progress,
+            name,
+            prompts=prompts,
+        )
 
+    def generation_metrics(self, name, rows, task, wanted, result: TaskResult) -> None:
         # check_tasks (evaluation.recipe) has made sure this is prompt/completion data
         prompt_field, completion_field = task.data.prompt_field, task.data.completion_field
         prompts = [str(p) for p in rows[prompt_field]]
         references = [str(c) for c in rows[completion_field]]
-        gen = self.generation
-        samples = gen.num_samples if gen.do_sample else 1
-        max_new = task.max_new_tokens or gen.max_new_tokens
-        tok = self.tokenizer
-        eos = tok.eos_token_id
-        generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
-        prompt_ids = _prompt_ids(tok, prompts, task.data.add_bos)
-        predictions: list[list[str]] = [[] for _ in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))  # similar lengths batch well
-        batches = [order[i : i + gen.batch_size] for i in range(0, len(order), gen.batch_size)]
-        for batch in tqdm(batches, desc=f"{name}", disable=not self.progress, leave=False):
-            ids, mask = _left_pad([prompt_ids[i] for i in batch], tok.pad_token_id, self.model.device)
-            for _ in range(samples):
-                new = self.model.generate(ids, mask, gen, max_new, eos, tok.pad_token_id, generator)
-                for row, i in zip(new.tolist(), batch):
-                    if eos is not None and eos in row:
-                        row = row[: row.index(eos)]
-                    predictions[i].append(tok.decode(row, skip_special_tokens=True))
+        samples = self.generation.num_samples if self.generation.do_sample else 1
+        max_new = self.generation.max_new_tokens if task.max_new_tokens is None else task.max_new_tokens
+        predictions = self.generate(name, prompts, task.data.add_bos, max_new, list(task.stop))
         extract = M.extractor(task.extract, task.regex)
         first = [p[0] for p in predictions]
         correct = [M.exact_match(p, [r] * len(p), extract) for p, r in zip(predictions, references)]
@@ -128,5 +176,40 @@ class TaskRunner:
                     "reference": reference,
                     "extracted": extract(preds[0]),
                     "correct": marks[0] if samples == 1 else marks,
+                }
+            )
+
+    def code_metrics(self, name, task, result: TaskResult) -> None:
+        """Generate completions of every problem, run each against its tests in a separate
+        process (``execution.run_programs``) and report the unbiased pass@k."""
+        code = task.code
+        rows = eval_rows(C.data_config(task.data, code.benchmark), self.cfg, self.seed, task.max_examples)
+        problems = C.problems(rows, code.benchmark)
+        result.n = len(problems)
+        stops = list(code.stop) if code.stop is not None else C.STOPS[code.benchmark]
+        max_new = self.generation.max_new_tokens if task.max_new_tokens is None else task.max_new_tokens
+        completions = self.generate(name, [p.prompt for p in problems], task.data.add_bos, max_new, stops)
+        programs = [p.program(c) for p, samples in zip(problems, completions) for c in samples]
+        logger.info(
+            "%s: running %d programs (timeout %ss, %d MiB each)",
+            name,
+            len(programs),
+            code.timeout,
+            code.memory_mb,
+        )
+        outcomes = iter(run_programs(programs, Limits(code.timeout, code.memory_mb), code.workers))
+        marks = [[next(outcomes) for _ in samples] for samples in completions]
+        result.metrics.update(M.mean_pass_at_k([[o.passed for o in m] for m in marks], code.k))
+        for problem, samples, outcome in zip(problems, completions, marks):
+            single = len(samples) == 1
+            result.predictions.append(
+                {
+                    "task": name,
+                    "task_id": problem.task_id,
+                    "prompt": problem.prompt,
+                    "prediction": samples[0] if single else samples,
+                    "reference": problem.reference,
+                    "correct": outcome[0].passed if single else [o.passed for o in outcome],
+                    "status": outcome[0].status if single else [o.status for o in outcome],
                 }
             )

@@ -6,29 +6,40 @@
       checkpoints/step_00000500/     Accelerate state: optimizer, scheduler, RNG of every rank,
                                      + trainable.safetensors (trained parameters only, never the
                                      frozen bases) + trainer_state.json (step, data position,
-                                     W&B run id), written last
+                                     W&B run id, size and SHA-256 of every other file), written last
       composition/ | adapter/ | model/   the final save of method calm | lora | full
 
-A checkpoint is written under ``checkpoints/.tmp-step_N`` and renamed when complete, so a kill
-while writing never leaves a broken newest checkpoint; ``resume=auto`` takes the newest complete
-one. A directory that already holds a run is never overwritten unless asked (``overwrite=true``).
+A checkpoint is written under ``checkpoints/.tmp-step_N``, its files flushed to disk, its state
+file written last and the directory renamed, so a kill while writing never leaves a broken
+newest checkpoint. What a kill cannot do, a full disk, a copy cut short or a flipped bit can:
+every file is checked against the sizes and hashes in the state file before it is used.
+``resume=auto`` takes the newest checkpoint that passes (saying in one line which file failed
+and why); ``resume=PATH`` naming a broken one fails in one line.
+
+A directory that already holds a run (a checkpoint or a final save) is never overwritten unless
+asked (``overwrite=true``). A start that failed before saving anything holds no run: running the
+fixed command again just starts. While a run is going, its main process holds a lock on
+``<run dir>/.lock`` (released by the kernel when the process ends, however it ends), so a second
+start in the same directory is refused even before the first has saved anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from comm_cli.atomic import atomic_write_text
-from comm_cli.errors import OutputDirError
+from comm_cli.errors import CheckpointError, OutputDirError
 
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.yaml"
+LOCK = ".lock"
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE_WEIGHTS = "trainable.safetensors"
@@ -39,7 +50,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 @dataclass
 class TrainerState:
-    """Where training stands; saved as JSON with every checkpoint."""
+    """Where training stands; saved as JSON, last, with every checkpoint."""
 
     step: int = 0  # optimizer steps completed
     epoch: int = 0
@@ -47,14 +58,99 @@ class TrainerState:
     tokens: int = 0  # loss-carrying tokens seen, all processes
     wandb_run_id: str | None = None
     last_loss: float | None = None
+    # every other file of the checkpoint: relative path -> {"size": bytes, "sha256": hex digest}
+    files: dict[str, dict] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
-        atomic_write_text(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        """Write under a temporary name, flush to disk, rename. The JSON carries a hash of its own
+        content, so a damaged state file is told from a valid one."""
+        data = asdict(self)
+        data["checksum"] = _json_digest(data)
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as handle:
+            handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> TrainerState:
-        data = json.loads(Path(path).read_text())
+        """Raises CheckpointError when the file is unreadable, not JSON, or fails its checksum."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise CheckpointError(f"{Path(path).name} cannot be read ({_short(err)})") from err
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{Path(path).name} does not hold a trainer state")
+        checksum = data.pop("checksum", None)
+        if checksum is not None and checksum != _json_digest(data):
+            raise CheckpointError(f"{Path(path).name} fails its checksum (the file was changed or damaged)")
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def _json_digest(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+
+
+def file_manifest(directory: Path) -> dict[str, dict]:
+    """Size and SHA-256 of every file under ``directory`` but the state file, each flushed to disk
+    on the way (the state file that lists them is written after, and only then the rename)."""
+    directory = Path(directory)
+    manifest = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        relative = path.relative_to(directory).as_posix()
+        if relative == TRAINER_STATE:
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+            os.fsync(handle.fileno())
+        manifest[relative] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return manifest
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or a new entry in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with the checkpoint at ``path`` (which file, and why), or None when every
+    file it lists is there with its recorded size and hash. A checkpoint written before comm
+    recorded hashes has nothing to check against; loading it is the test."""
+    path = Path(path)
+    try:
+        state = TrainerState.load(path / TRAINER_STATE)
+    except CheckpointError as err:
+        return str(err)
+    for relative, expected in sorted(state.files.items()):
+        file = path / relative
+        if not file.is_file():
+            return f"{relative} is missing"
+        size = file.stat().st_size
+        if size != expected.get("size"):
+            return f"{relative} is {size} bytes, {expected.get('size')} expected (truncated or cut short)"
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != expected.get("sha256"):
+            return f"{relative} fails its SHA-256 check (its content was damaged)"
+    return None
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -94,12 +190,38 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def lock_run_dir(run_dir: Path):
+    """Take the run directory's lock for this process; returns the open lock file (closing it
+    releases the lock). Raises OutputDirError naming the holder when another process has it."""
+    import fcntl
+    import socket
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise OutputDirError(
+            f"the run directory {run_dir} is in use by a running comm-train ({holder}): wait for it or stop "
+            "it, or give this run another name=..."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
 def run_contents(run_dir: Path) -> list[str]:
-    """What in ``run_dir`` shows that a run already lives there."""
+    """What in ``run_dir`` shows that a run already lives there: work that a new start would
+    lose (checkpoints, a final save). A config and a log alone are what a start that failed
+    before saving anything leaves; they hold no work."""
     run_dir = Path(run_dir)
     found = []
-    if (run_dir / RUN_CONFIG).is_file():
-        found.append(RUN_CONFIG)
     checkpoints = complete_checkpoints(run_dir)
     if checkpoints:
         found.append(f"{len(checkpoints)} checkpoint(s)")
@@ -107,11 +229,15 @@ def run_contents(run_dir: Path) -> list[str]:
     return found
 
 
-def resolve_resume(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
-    """Decide where training starts: a checkpoint to load, or None for a fresh start.
+def resume_candidates(run_dir: Path, resume: str | None, overwrite: bool) -> tuple[list[Path], list[str]]:
+    """Where training may start: (checkpoints to try in this order, one line per checkpoint
+    skipped and why). No checkpoint: a fresh start.
 
-    Raises OutputDirError when ``run_dir`` holds another run and neither resume nor overwrite
-    says what to do with it, or when ``resume`` names no complete checkpoint.
+    ``resume=auto``: every complete checkpoint that passes verification, newest first; the
+    broken ones are skipped with a reason. ``resume=PATH``: that checkpoint (or a run
+    directory's newest), which must pass. Raises OutputDirError when ``run_dir`` holds another
+    run and neither resume nor overwrite says what to do with it, and CheckpointError when the
+    checkpoint to resume is broken, or every checkpoint of the run is.
     """
     run_dir = Path(run_dir)
     if resume is None or resume in ("", "none", "null", "false"):
@@ -121,20 +247,39 @@ def resolve_resume(run_dir: Path, resume: str | None, overwrite: bool) -> Path |
                 f"the run directory {run_dir} already holds a run ({', '.join(contents)}): continue it with "
                 "resume=auto, start over with overwrite=true, or give this run another name=..."
             )
-        return None
+        return [], []
     if resume == "auto":
         # Training always ends with a checkpoint, so a finished run resumes to "nothing left to do".
-        return latest_checkpoint(run_dir)
+        found = list(reversed(complete_checkpoints(run_dir)))
+        good, skipped = [], []
+        for path in found:
+            problem = verify_checkpoint(path)
+            if problem is None:
+                good.append(path)
+            else:
+                skipped.append(f"skipping checkpoint {path.name}: {problem}")
+        if found and not good:
+            raise CheckpointError(
+                f"no checkpoint in {run_dir / CHECKPOINTS} is intact ({'; '.join(skipped)}): start over with "
+                "overwrite=true (or resume=PATH from a copy of the run)"
+            )
+        return good, skipped
     path = Path(resume).expanduser()
     if not path.is_dir() or not (path / TRAINER_STATE).is_file():
         newest = latest_checkpoint(path)  # a run directory: its newest checkpoint
-        if newest is not None:
-            return newest
-        raise OutputDirError(
-            f"resume={resume} is not a complete checkpoint directory (no {TRAINER_STATE}): give a "
-            f"{CHECKPOINTS}/step_N directory of a run, a run directory, or resume=auto"
+        if newest is None:
+            raise OutputDirError(
+                f"resume={resume} is not a complete checkpoint directory (no {TRAINER_STATE}): give a "
+                f"{CHECKPOINTS}/step_N directory of a run, a run directory, or resume=auto"
+            )
+        path = newest
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is broken: {problem}; resume=auto takes the newest intact checkpoint of a "
+            "run, or give an older one"
         )
-    return path
+    return [path], []
 
 
 def clear_run_dir(run_dir: Path) -> None:

@@ -12,17 +12,15 @@ import torch
 from torch import nn
 
 from comm_cli.compose import ComposedModel, CompositionConfig, check_config
+from comm_cli.compose.alignment import ReadPlan, TokenReader, check_settle_rule, plan_alignment
 from comm_cli.compose.blocks import hidden_size
 from comm_cli.compose.bridge import bridge_parameter_count
-from comm_cli.compose.loading import load_causal_lm, load_model_config
+from comm_cli.compose.loading import load_causal_lm, load_model_config, load_tokenizer  # noqa: F401
 from comm_cli.compose.masks import positions_from_mask
-from comm_cli.compose.specs import AugmentSpec, ModelSpec
-from comm_cli.errors import ConfigError, ModelLoadError, TokenizerMismatchError
+from comm_cli.compose.specs import AugmentSpec
+from comm_cli.errors import ConfigError, ModelLoadError
 
 logger = logging.getLogger(__name__)
-
-# Text that exercises letters, digits, punctuation and spaces when comparing tokenizers.
-_PROBE_TEXTS = ("Hello world, 123 + 456 = 579.", "def f(x):\n    return x * 2", "abc+xyz-def=4+7-3=8")
 
 
 def composition_config(cfg) -> CompositionConfig:
@@ -32,78 +30,54 @@ def composition_config(cfg) -> CompositionConfig:
     return CompositionConfig(anchor=cfg.anchor, augments=augments, bridge=cfg.bridge, mask_mode=cfg.mask_mode)
 
 
-_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
-
-
-def _declares_generic_tokenizer(name_or_path: str) -> bool:
-    """A local directory whose tokenizer_config.json declares the generic `tokenizers` backend.
-
-    transformers' AutoTokenizer swaps in the model type's own tokenizer class for some types
-    (qwen2, phi3, ...) even when the directory declares a generic one, which silently re-tokenises
-    a custom tokenizer (e.g. the key-value experiment's character tokenizer saved beside a Qwen2
-    model). The declared class is what the directory means."""
-    import json
-    from pathlib import Path
-
-    path = Path(name_or_path) / "tokenizer_config.json"
-    if not path.is_file() or not (Path(name_or_path) / "tokenizer.json").is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("tokenizer_class") in _GENERIC_TOKENIZER_CLASSES
-    except (OSError, ValueError):
-        return False
-
-
-def load_tokenizer(name_or_path: str, spec: ModelSpec | None = None, what: str = "tokenizer"):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    # A GGUF spec reads its tokenizer from the same file as its weights.
-    gguf = {"gguf_file": spec.gguf_file} if spec is not None and spec.gguf_file else {}
-    try:
-        if not gguf and _declares_generic_tokenizer(name_or_path):
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(
-                name_or_path,
-                revision=spec.revision if spec else None,
-                trust_remote_code=spec.trust_remote_code if spec else False,
-                **gguf,
-            )
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(
-            f"cannot load the {what} from '{name_or_path}' ({str(err).splitlines()[0]}): "
-            "set tokenizer=<directory or hub id> to one that has tokenizer files"
-        ) from err
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def check_shared_tokenizer(anchor_tokenizer, augment_tokenizer, texts, augment_name: str) -> None:
-    """The anchor and augment must read the same ids for the same text: both models see one
-    ``input_ids`` tensor, and the masks align positions by column."""
-    for text in list(_PROBE_TEXTS) + list(texts):
-        a = anchor_tokenizer(text, add_special_tokens=False)["input_ids"]
-        b = augment_tokenizer(text, add_special_tokens=False)["input_ids"]
-        if a != b:
-            raise TokenizerMismatchError(
-                f"the anchor and augmenting model '{augment_name}' tokenise {text[:40]!r} differently "
-                f"({a[:8]}... vs {b[:8]}...): this release needs models that share a tokenizer; pick an "
-                "augmenting model of the anchor's family"
-            )
-
-
-def check_tokenizers(cfg, anchor_tokenizer, sample_texts) -> None:
-    for spec in [cfg.augment] + [entry.model for entry in cfg.extra_augments]:
+def read_plan(cfg, anchor_tokenizer, sample_texts) -> ReadPlan | None:
+    """How each augmenting model of a CALM config reads text: the anchor's token ids when the
+    tokenizers read identically (None for all: the plain path), else its own tokens lined up
+    through characters. Each model's tokenizer source is recorded in its spec (so a saved
+    composition names it), and in causal mode the settle rule of every aligned tokenizer is
+    checked against its own prefix tokenizations of ``sample_texts`` before anything trains."""
+    specs = [cfg.augment] + [entry.model for entry in cfg.extra_augments]
+    cfg.anchor.tokenizer = cfg.tokenizer or cfg.anchor.tokenizer or cfg.anchor.name_or_path
+    tokenizers, names = [], []
+    for i, spec in enumerate(specs):
+        names.append(f"augment {i} ({spec.name_or_path})")
+        source = spec.tokenizer or spec.name_or_path
         try:
-            augment_tokenizer = load_tokenizer(spec.name_or_path, spec, "augmenting model's tokenizer")
+            tokenizers.append(load_tokenizer(source, spec, f"augmenting model {i}'s tokenizer"))
+            spec.tokenizer = source
         except ModelLoadError:
             logger.warning(
-                "the augmenting model %s ships no tokenizer: assuming it shares the anchor's",
-                spec.name_or_path,
+                "the augmenting model %s ships no tokenizer: it reads the anchor's token ids", source
             )
-            continue
-        check_shared_tokenizer(anchor_tokenizer, augment_tokenizer, sample_texts, spec.name_or_path)
+            tokenizers.append(None)
+    readers = plan_alignment(anchor_tokenizer, tokenizers, names, sample_texts)
+    if not any(reader is not None for reader in readers):
+        return None
+    if cfg.mask_mode == "causal":
+        for reader in readers:
+            if reader is not None:
+                check_settle_rule(reader, list(sample_texts)[:64])
+    return ReadPlan(TokenReader(anchor_tokenizer, "the anchor", settle=False), readers, cfg.mask_mode)
+
+
+def sample_texts(rows, data_cfg, n: int = 64) -> list[str]:
+    """Texts of the first ``n`` rows (each field, and prompt + completion joined) for comparing
+    tokenizers and checking the settle rule."""
+    from comm_cli.data.loading import text_fields
+
+    fields = [f for f in text_fields(data_cfg) if f in rows.column_names]
+    texts = []
+    for i in range(min(n, len(rows))):
+        values = [rows[i][f] for f in fields if isinstance(rows[i][f], str)]
+        texts += values + (["".join(values)] if len(values) > 1 else [])
+    return texts
+
+
+def augment_pad_ids(plan: ReadPlan | None) -> list[int | None] | None:
+    """The pad id of each augmenting model that reads its own tokens (for the collator)."""
+    if plan is None:
+        return None
+    return [None if r is None else (r.tokenizer.pad_token_id or 0) for r in plan.augment_readers]
 
 
 def build_calm(cfg, device=None) -> ComposedModel:
@@ -209,6 +183,8 @@ def batch_logits(
             attention_mask=batch["attention_mask"],
             augment_attention_mask=batch["augment_attention_mask"],
             augment_states=batch.get("augment_states"),
+            anchor_ends=batch.get("anchor_ends"),
+            augment_inputs=batch.get("augment_inputs"),
             **keep,
         ).logits
     return model(

@@ -9,6 +9,12 @@ The loss of an optimizer step is the sum of token losses over all micro-batches 
 processes divided by the number of loss-carrying tokens in that global batch, so k processes
 with batch b give the same update as one process with batch k*b (and gradient accumulation is
 exact too).
+
+Faults (see ``checkpoint.py``, ``preemption.py``, ``engines.py``): SIGTERM/SIGINT write a
+checkpoint at the next step boundary and exit 75; a checkpoint that cannot be written (a full
+disk) is removed and the previous one stays; a checkpoint that fails its checksums is skipped by
+``resume=auto``. Under every engine a checkpoint holds only trained parameters and their
+optimizer state.
 """
 
 from __future__ import annotations
@@ -29,26 +35,39 @@ from comm_cli.compose import ComposedModel
 from comm_cli.compose.composed import parameter_counts
 from comm_cli.data.build import raw_splits, tokenized_splits
 from comm_cli.data.collate import CompletionCollator
-from comm_cli.errors import ConfigError, NonFiniteLossError
+from comm_cli.errors import (
+    CheckpointError,
+    CommError,
+    ConfigError,
+    NonFiniteLossError,
+    OutputDirError,
+    TrainingStopped,
+)
 from comm_cli.losses import loss_token_count, next_token_loss
 from comm_cli.training import checkpoint as ckpt
+from comm_cli.training import engines
 from comm_cli.training.models import (
+    augment_pad_ids,
     batch_logits,
     build_model,
-    check_tokenizers,
     first_loss_column,
     load_tokenizer,
+    read_plan,
+    sample_texts,
 )
 from comm_cli.training.optim import build_optimizer, build_scheduler
+from comm_cli.training.preemption import StopSignals
 from comm_cli.training.trackers import flat_config, log_with, start_trackers
 
 logger = logging.getLogger(__name__)
 
 # Fault injection for the crash tests: SIGKILL this process right after step N's optimizer step
 # (COMM_FAULT_KILL_AT_STEP=N) or half-way through writing step N's checkpoint
-# (COMM_FAULT_KILL_IN_SAVE=N).
+# (COMM_FAULT_KILL_IN_SAVE=N); make every step last at least S seconds (COMM_FAULT_STEP_SECONDS=S),
+# so that a test can signal a run that is surely still training.
 _KILL_AT_STEP = "COMM_FAULT_KILL_AT_STEP"
 _KILL_IN_SAVE = "COMM_FAULT_KILL_IN_SAVE"
+_STEP_SECONDS = "COMM_FAULT_STEP_SECONDS"
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -73,6 +92,28 @@ def _maybe_kill(variable: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _attempt(fn) -> BaseException | None:
+    """Run a write; return what went wrong instead of raising, so that every rank can learn of a
+    failure on any rank before anyone raises (a rank that raised alone would leave the others
+    waiting in the next collective)."""
+    try:
+        fn()
+    except (OSError, RuntimeError, ValueError) as err:
+        return err
+    except Exception as err:  # e.g. safetensors' SafetensorError
+        if type(err).__module__.startswith(("safetensors", "torch", "accelerate")):
+            return err
+        raise
+    return None
+
+
+def _describe(err: BaseException | None) -> str:
+    if err is None:
+        return "it failed on another process"
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"{type(err).__name__}: {text[:200]}"
+
+
 class TrainRecipe:
     def __init__(self, cfg, raw_config):
         """``cfg``: the typed TrainConfig object; ``raw_config``: the resolved config as a dict."""
@@ -80,19 +121,27 @@ class TrainRecipe:
         self.raw_config = raw_config
         self.run_dir = Path(cfg.output_dir).resolve()
         self.state = ckpt.TrainerState()
+        self.resume_candidates: list[Path] = []
+        self.stop = StopSignals()
+        self._lock = None  # the run directory's lock, held by the main process
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
         self._setup_accelerator()
+        self._validate_models()  # from the model configs alone, before the run directory is touched
         self._setup_run_dir()
         self._setup_tokenizer_and_data()
         self._setup_model()
         self._setup_loaders()
         self._setup_optimizer()
         self._setup_tracker()
-        if self.resume_from is not None:
-            self._load_checkpoint(self.resume_from)
+        if self.resume_candidates:
+            self._resume()
+
+    @property
+    def resume_from(self) -> Path | None:
+        return self.resume_candidates[0] if self.resume_candidates else None
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -107,8 +156,9 @@ class TrainRecipe:
         if precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"trainer.mixed_precision '{precision}' is not one of auto, no, bf16, fp16")
         self.accelerator = Accelerator(
-            # Without a GPU, cpu=True is what makes several launched processes one gloo job.
-            cpu=not torch.cuda.is_available(),
+            # Without a GPU, cpu=True is what makes several launched processes one gloo job
+            # (DeepSpeed brings its own CPU backend and refuses cpu=True).
+            cpu=not torch.cuda.is_available() and not engines.deepspeed_requested(),
             gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
             mixed_precision=precision,
             log_with=log_with(self.cfg.logger),
@@ -117,19 +167,38 @@ class TrainRecipe:
             # step it num_processes times).
             step_scheduler_with_optimizer=False,
         )
+        engines.enable_fsdp_on_cpu(self.accelerator)
+        engines.check_supported(self.accelerator)
+        self.engine = engines.engine_name(self.accelerator)
         set_seed(self.cfg.seed)
 
     def _setup_run_dir(self) -> None:
         """Check the run directory before anything is written: every rank reads, then the main
         process writes."""
         acc = self.accelerator
-        self.resume_from = ckpt.resolve_resume(self.run_dir, self.cfg.resume, self.cfg.overwrite)
+        failure = None
+        if acc.is_main_process:
+            try:
+                self._lock = ckpt.lock_run_dir(self.run_dir)
+            except OutputDirError as err:
+                failure = err
+        if acc.num_processes > 1:
+            flag = torch.tensor([1.0 if failure else 0.0], device=acc.device)
+            if acc.reduce(flag, reduction="sum").item() > 0 and failure is None:
+                failure = OutputDirError(f"the main process could not lock the run directory {self.run_dir}")
+        if failure is not None:
+            raise failure
+        self.resume_candidates, skipped = ckpt.resume_candidates(
+            self.run_dir, self.cfg.resume, self.cfg.overwrite
+        )
         acc.wait_for_everyone()
+        earlier_start = False
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if self.resume_from is None and self.cfg.overwrite and ckpt.run_contents(self.run_dir):
                 logger.warning("overwrite=true: clearing the earlier run in %s", self.run_dir)
                 ckpt.clear_run_dir(self.run_dir)
+            earlier_start = self.resume_from is None and (self.run_dir / ckpt.RUN_CONFIG).is_file()
             ckpt.remove_partial_checkpoints(self.run_dir)
             config_path = self.run_dir / ckpt.RUN_CONFIG
             if self.resume_from is not None and config_path.is_file():
@@ -140,8 +209,10 @@ class TrainRecipe:
 
         setup_logging(self.run_dir / "train.log", acc.is_main_process)
         logger.info("run directory: %s", self.run_dir)
-        if self.resume_from is not None:
-            logger.info("resuming from %s", self.resume_from)
+        if earlier_start:
+            logger.info("an earlier start in this directory saved nothing: starting afresh")
+        for line in skipped:
+            logger.warning("%s; trying the previous one", line)
 
     def _warn_config_changes(self, config_path: Path) -> None:
         old = flat_config(OmegaConf.to_container(OmegaConf.load(config_path)))
@@ -167,23 +238,20 @@ class TrainRecipe:
 
     def _setup_tokenizer_and_data(self) -> None:
         cfg = self.cfg
-        self._validate_models()
         tokenizer_source = cfg.tokenizer or cfg.anchor.name_or_path
         self.tokenizer = load_tokenizer(tokenizer_source, cfg.anchor if cfg.tokenizer is None else None)
+        self.plan = None
         with self.accelerator.main_process_first():
             raw = raw_splits(cfg.data, cfg, seed=cfg.seed)
             if cfg.method.name == "calm":
-                sample_texts = [
-                    raw["train"][i][f]
-                    for i in range(min(8, len(raw["train"])))
-                    for f in raw["train"].column_names
-                ]
-                check_tokenizers(cfg, self.tokenizer, [t for t in sample_texts if isinstance(t, str)])
-            self.splits = tokenized_splits(raw, self.tokenizer, cfg.data)
+                self.plan = read_plan(cfg, self.tokenizer, sample_texts(raw["train"], cfg.data))
+            self.splits = tokenized_splits(raw, self.tokenizer, cfg.data, self.plan)
 
     def _setup_loaders(self) -> None:
         cfg, tcfg = self.cfg, self.cfg.trainer
-        collator = CompletionCollator(self.tokenizer.pad_token_id, padding_side="right")
+        collator = CompletionCollator(
+            self.tokenizer.pad_token_id, padding_side="right", augment_pad_ids=augment_pad_ids(self.plan)
+        )
         train_collator = collator
         if tcfg.cache_augment_states:
             train_collator = self._augment_cache_collator(collator)
@@ -249,6 +317,12 @@ class TrainRecipe:
 
     def _setup_model(self) -> None:
         self.model = build_model(self.cfg)
+        if isinstance(self.model, ComposedModel):
+            plan = self.plan
+            readers = plan.augment_readers if plan else [None] * len(self.model.augments)
+            self.model.set_readers(self.tokenizer, plan.anchor_reader if plan else None, readers)
+        if self.engine.startswith("fsdp"):
+            engines.name_wrap_blocks(self.model)
         counts = parameter_counts(self.model)
         self.parameter_counts = counts
         logger.info(
@@ -272,17 +346,22 @@ class TrainRecipe:
         if self.val_loader is not None:
             self.val_loader = acc.prepare(self.val_loader)
         steps_per_epoch = max(1, len(self.train_loader) // tcfg.gradient_accumulation_steps)
-        if tcfg.max_steps:
+        if tcfg.max_steps is not None:
             self.total_steps = int(tcfg.max_steps)
-        elif tcfg.epochs:
+        elif tcfg.epochs is not None:
             self.total_steps = int(math.ceil(tcfg.epochs * steps_per_epoch))
         else:
-            raise ConfigError("set a training budget: trainer.max_steps=N or trainer.epochs=E")
+            raise ConfigError("no training budget: set trainer.max_steps=N or trainer.epochs=E")
         self.steps_per_epoch = steps_per_epoch
         # Prepared after the step count is known; stepped once per optimizer step.
         self.scheduler = acc.prepare(build_scheduler(self.optimizer, self.cfg.scheduler, self.total_steps))
-        acc.register_save_state_pre_hook(self._save_trainable_hook)
-        acc.register_load_state_pre_hook(self._load_trainable_hook)
+        if self.engine == "deepspeed":
+            # Prepared apart from the model, the schedule is not DeepSpeed's to save; Accelerate
+            # saves it with the checkpoint as a registered object instead.
+            acc.register_for_checkpointing(self.scheduler)
+        if not self.engine.startswith("fsdp"):  # FSDP2 state is written by engines.save_fsdp_state
+            acc.register_save_state_pre_hook(self._save_trainable_hook)
+            acc.register_load_state_pre_hook(self._load_trainable_hook)
 
     def _setup_tracker(self) -> None:
         run_id = None
@@ -308,56 +387,120 @@ class TrainRecipe:
 
     def _save_trainable_hook(self, models, weights, output_dir) -> None:
         """Accelerate's save_state writes the optimizer, scheduler and RNG; the model part is
-        ours: only the trained parameters, in safetensors."""
+        ours: only the trained parameters, in safetensors. (Under DeepSpeed the engine writes its
+        own checkpoint of the trained parameters; this adds the same readable file.)"""
         from safetensors.torch import save_file
 
-        from comm_cli.training.models import trainable_state_dict
-
+        trainable = engines.gather_trainable(self._unwrapped(), self.engine)  # collective under ZeRO-3
         if self.accelerator.is_main_process:
-            save_file(trainable_state_dict(self._unwrapped()), str(Path(output_dir) / ckpt.TRAINABLE_WEIGHTS))
+            save_file(trainable, str(Path(output_dir) / ckpt.TRAINABLE_WEIGHTS))
         weights.clear()
 
     def _load_trainable_hook(self, models, input_dir) -> None:
         from safetensors.torch import load_file
 
         state = load_file(str(Path(input_dir) / ckpt.TRAINABLE_WEIGHTS))
-        model = self._unwrapped()
-        params = dict(model.named_parameters())
-        expected = {name for name, p in params.items() if p.requires_grad}
-        if set(state) != expected:
-            raise ConfigError(
-                f"checkpoint {input_dir} holds other trainable parameters than this model "
-                f"({len(set(state) ^ expected)} differ): resume with the config it was trained with"
-            )
-        with torch.no_grad():
-            for name, tensor in state.items():
-                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        if self.engine != "deepspeed":  # DeepSpeed restores its module from its own checkpoint
+            engines.load_trainable(self._unwrapped(), state, str(input_dir))
         models.clear()
 
+    def _write_state(self, directory: Path) -> None:
+        """This rank's part of a checkpoint: trained parameters, optimizer, scheduler, RNG."""
+        if self.engine.startswith("fsdp"):
+            engines.save_fsdp_state(self.accelerator, self.model, self.optimizer, directory)
+        elif self.engine == "deepspeed":
+            self.accelerator.save_state(str(directory), exclude_frozen_parameters=True)
+        else:
+            self.accelerator.save_state(str(directory))
+
+    def _agree(self, failure: BaseException | None, what: str, tmp: Path | None = None) -> None:
+        """Raise on every rank if a write failed on any rank, after removing the partial write."""
+        acc = self.accelerator
+        failed = failure is not None
+        if acc.num_processes > 1:
+            flag = torch.tensor([1.0 if failed else 0.0], device=acc.device)
+            failed = acc.reduce(flag, reduction="sum").item() > 0
+        if not failed:
+            return
+        if acc.is_main_process and tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        kept = (
+            f"the newest complete checkpoint, {latest.name}, is intact and resume=auto continues from it"
+            if latest is not None
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointError(
+            f"cannot write {what} ({_describe(failure)}): free space on the disk of {self.run_dir} (or raise "
+            f"the file-size limit) and run again; {kept}"
+        )
+
     def save_checkpoint(self) -> Path:
-        """Write checkpoints/step_N atomically (temporary name, then rename)."""
+        """Write checkpoints/step_N: under a temporary name, every file flushed and listed with its
+        size and hash in the state file, which is written last; then renamed. A write that fails
+        on any rank (a full disk) removes the partial directory and stops with one line; the
+        previous checkpoint is untouched."""
         acc = self.accelerator
         final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
         tmp = final.with_name(f".tmp-{final.name}")
+        what = f"checkpoint {final.name}"
+        failure = None
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+            failure = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
+        self._agree(failure, what, tmp)
+        failure = _attempt(lambda: self._write_state(tmp))
         _maybe_kill(_KILL_IN_SAVE, self.state.step)
-        acc.wait_for_everyone()
+        self._agree(failure, what, tmp)
         if acc.is_main_process:
-            self.state.save(tmp / ckpt.TRAINER_STATE)  # last: marks the checkpoint complete
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            failure = _attempt(lambda: self._seal_checkpoint(tmp, final))
+        self._agree(failure, what, tmp)
+        if acc.is_main_process:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
-            logger.info("checkpoint %s", final)
+            logger.info("checkpoint step %d: %s", self.state.step, final)
         acc.wait_for_everyone()
         return final
 
+    def _seal_checkpoint(self, tmp: Path, final: Path) -> None:
+        self.state.files = ckpt.file_manifest(tmp)
+        self.state.save(tmp / ckpt.TRAINER_STATE)  # last: marks the checkpoint complete
+        ckpt.fsync_directory(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ckpt.fsync_directory(final.parent)
+
+    def _resume(self) -> None:
+        """Load the first candidate checkpoint that loads. The candidates passed their checksums;
+        one that still fails to load (written by an older comm without checksums, say) is skipped
+        under resume=auto with one line, and is an error when named by resume=PATH."""
+        for index, path in enumerate(self.resume_candidates):
+            try:
+                self._load_checkpoint(path)
+                return
+            except CommError:
+                raise  # a config that does not fit the checkpoint fits no older one either
+            except Exception as err:
+                if self.cfg.resume != "auto":
+                    raise CheckpointError(
+                        f"checkpoint {path} does not load ({_describe(err)}): give another checkpoint, or "
+                        "resume=auto for the newest one that loads"
+                    ) from err
+                logger.warning("skipping checkpoint %s: it does not load (%s)", path.name, _describe(err))
+                if index == len(self.resume_candidates) - 1:
+                    raise CheckpointError(
+                        f"no checkpoint in {self.run_dir / ckpt.CHECKPOINTS} loads (the oldest: {_describe(err)}): "
+                        "start over with overwrite=true"
+                    ) from err
+                logger.warning("trying the previous checkpoint")
+
     def _load_checkpoint(self, path: Path) -> None:
-        self.accelerator.load_state(str(path))
+        logger.info("resuming from %s", path)
+        if self.engine.startswith("fsdp"):
+            engines.load_fsdp_state(self.accelerator, self.model, self.optimizer, path)
+        elif self.engine == "deepspeed":
+            self.accelerator.load_state(str(path), load_module_strict=False)
+        else:
+            self.accelerator.load_state(str(path))
         saved = ckpt.TrainerState.load(path / ckpt.TRAINER_STATE)
         saved.wandb_run_id = self.state.wandb_run_id or saved.wandb_run_id
         self.state = saved
@@ -389,7 +532,32 @@ class TrainRecipe:
             epoch, skip = epoch + 1, 0
 
     def train(self) -> dict:
+        """The loop, with SIGTERM/SIGINT turned into a checkpoint at the next step boundary."""
+        with self.stop:
+            return self._train()
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank received a stop signal; all ranks learn it at the same step."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self.stop.requested
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=acc.device)
+        return acc.reduce(flag, reduction="sum").item() > 0
+
+    def _stop_at_boundary(self) -> None:
+        """Checkpoint (unless this step's was just written) and leave the loop."""
+        step = self.state.step
+        final = ckpt.checkpoint_dir(self.run_dir, step)
+        if not (final / ckpt.TRAINER_STATE).is_file():
+            final = self.save_checkpoint()
+        raise TrainingStopped(
+            f"stopped by {self.stop.name} at step {step}/{self.total_steps}; checkpoint {final} holds "
+            "everything so far: run the same command with resume=auto to continue"
+        )
+
+    def _train(self) -> dict:
         acc, tcfg = self.accelerator, self.cfg.trainer
+        step_seconds = float(os.environ.get(_STEP_SECONDS, "0") or 0)
         accumulation = tcfg.gradient_accumulation_steps
         world = acc.num_processes
         self.model.train()
@@ -420,6 +588,8 @@ class TrainRecipe:
                     grad_norm = None
                     if acc.sync_gradients and tcfg.max_grad_norm:
                         grad_norm = acc.clip_grad_norm_(self.model.parameters(), tcfg.max_grad_norm)
+                        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+                            grad_norm = grad_norm.full_tensor()
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
             step_loss = acc.reduce(step_loss, reduction="sum").item()
@@ -435,6 +605,8 @@ class TrainRecipe:
             self.state.last_loss = step_loss
             window_loss += step_loss * global_tokens
             window_tokens += global_tokens
+            if step_seconds:
+                time.sleep(step_seconds)
             _maybe_kill(_KILL_AT_STEP, self.state.step)
             step = self.state.step
             if progress is not None:
@@ -464,6 +636,10 @@ class TrainRecipe:
                 self._log_validation()
             if tcfg.save_every and step % tcfg.save_every == 0 and step < self.total_steps:
                 self.save_checkpoint()
+            if step < self.total_steps and self._stop_requested():
+                if progress is not None:
+                    progress.close()
+                self._stop_at_boundary()
         if progress is not None:
             progress.close()
         final_metrics = dict(metrics)
@@ -499,6 +675,7 @@ class TrainRecipe:
             tokens += loss_token_count(batch["labels"])
         total = acc.reduce(total, reduction="sum").item()
         tokens = acc.reduce(tokens, reduction="sum").item()
+        engines.reshard(self.model)  # FSDP2 keeps the root unsharded after a forward without backward
         self.model.train()
         loss = total / max(tokens, 1)
         return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
@@ -510,12 +687,16 @@ class TrainRecipe:
         return metrics
 
     def save_final(self) -> Path:
-        """The trained result in its method's format, written under a temporary name and renamed."""
+        """The trained result in its method's format, written under a temporary name and renamed.
+        The last checkpoint (written just before) holds the same weights; if this write fails,
+        resume=auto from it writes the final save again."""
         acc = self.accelerator
         final = self.run_dir / ckpt.FINAL_DIRS[self.cfg.method.name]
+        tmp = final.with_name(f".{final.name}.tmp")
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            tmp = final.with_name(f".{final.name}.tmp")
+        failure = None
+
+        def write() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             self._unwrapped().save_pretrained(tmp)
             if self.cfg.method.name != "calm":
@@ -523,6 +704,12 @@ class TrainRecipe:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+
+        with engines.whole_trainable(self._unwrapped(), self.engine):  # collective under FSDP2 / ZeRO-3
+            if acc.is_main_process:
+                failure = _attempt(write)
+        self._agree(failure, f"the final {final.name}/", tmp)
+        if acc.is_main_process:
             logger.info("saved %s", final)
         acc.wait_for_everyone()
         return final
@@ -546,3 +733,6 @@ class TrainRecipe:
 
     def cleanup(self) -> None:
         self.accelerator.end_training()
+        if self._lock is not None:
+            self._lock.close()  # releases the run directory
+            self._lock = None

@@ -1,6 +1,6 @@
 """The paper's key-value arithmetic experiment (CALM section 4.1), end to end: `make demo`.
 
-1. the two specialists (built on first use, then reused from the cache),
+1. the two specialists for ``--seed`` (built on first use, then reused from the cache),
 2. CALM: bridges between the augment (knows every key's value) and the anchor (arithmetic only),
    trained on expressions over the 20% composition keys,
 3. the paper's controls: CALM with a randomly initialised augment of the same shape (same
@@ -11,12 +11,12 @@
 5. the table, printed and written to <output_root>/table.json.
 
 Every training and evaluation is a plain `comm-train` / `comm-eval` run (logs under
-<output_root>/logs/). Independent runs go to --workers processes with --threads threads each
-(default 2 x 1 on this 2-core machine: two single-threaded runs side by side finish sooner than
-the same runs one after the other with two threads each).
+<output_root>/logs/), run by ``comm_cli.experiments.jobs.Runner``: --workers processes with
+--threads threads each (default 2 x 1 on this 2-core machine). ``seeds.py`` runs the same table
+for several specialist seeds and training seeds (`make demo-seeds`).
 
     make demo                                          # the experiment (scripts/kv_demo.py)
-    python scripts/kv_demo.py                          # the same
+    python scripts/kv_demo.py --seed 1                 # specialists built from seed 1
     python scripts/kv_demo.py --lora-steps 1500        # LoRA with CALM's full step budget
     python scripts/kv_demo.py --fast --output-root /tmp/demo    # tiny sizes: the plumbing only
 """
@@ -26,25 +26,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-# The directory that holds the comm_cli package (a checkout or site-packages): the jobs import it from there.
-PACKAGE_ROOT = Path(__file__).resolve().parents[3]
+from comm_cli.experiments.jobs import Job, Runner, eval_job, train_job
 
 SYSTEMS = ("m_A alone", "m_B alone", "LoRA on m_B", "CALM", "CALM, random m_A")
 COLUMNS = ("kv_arithmetic_heldout", "kv_substitution_heldout", "numeric_arithmetic", "key_lookup")
 TRAIN_KEYS = "kv_arithmetic_train_keys"
-FAST_TRAIN = ["experiment=kv_smoke", "trainer.max_steps=4"]
+# the tiny sizes of conf/size/tiny.yaml (what experiment=kv_smoke uses), for any kv experiment
+FAST_TRAIN = ["+size=tiny", "trainer.max_steps=4"]
 FAST_EVAL = ["generation.batch_size=16"]
 
 
 def compose_train_config(overrides: list[str]):
     """The composed comm-train config (to read kv.dir and the specialists' settings)."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from comm_cli.cli import config_dir
     from comm_cli.schema import register_schemas
@@ -52,112 +51,32 @@ def compose_train_config(overrides: list[str]):
     register_schemas()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[*overrides, "output_dir=unused"])
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_object(cfg)
 
 
-class Job:
-    """A comm-train / comm-eval run; ``args`` may be a callable evaluated when the job starts
-    (after its dependencies, e.g. the best LoRA learning rate)."""
+def prepare_specialists(overrides: list[str]) -> tuple[Path, dict]:
+    """Build (or reuse) the specialists the overrides describe; their directory and manifest."""
+    from comm_cli.experiments.kv_arithmetic.setup import prepare
 
-    def __init__(self, module: str, name: str, args, after: tuple[str, ...] = ()):
-        self.module, self.name, self.args, self.after = module, name, args, after
-
-
-class Runner:
-    """Runs jobs as subprocesses on --workers worker threads. A free worker takes the first job
-    (in the order given) whose dependencies have finished."""
-
-    def __init__(self, root: Path, workers: int, threads: int):
-        self.root, self.workers, self.threads = root, workers, threads
-        self.seconds: dict[str, float] = {}
-        (root / "logs").mkdir(parents=True, exist_ok=True)
-
-    def train(self, name: str, overrides, after: tuple[str, ...] = ()) -> Job:
-        head = [
-            f"name={name}",
-            f"output_root={self.root}",
-            "overwrite=true",
-            f"trainer.num_threads={self.threads}",
-        ]
-        return Job("comm_cli.train", name, lambda: head + _resolve(overrides), after)
-
-    def eval(self, name: str, overrides, after: tuple[str, ...] = ()) -> Job:
-        head = [f"name=eval_{name}", f"output_root={self.root}", f"num_threads={self.threads}"]
-        return Job("comm_cli.eval", f"eval_{name}", lambda: head + _resolve(overrides), after)
-
-    def _run(self, job: Job) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false"}
-        env.pop("WANDB_SERVICE", None)
-        env["PYTHONPATH"] = str(PACKAGE_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        log = self.root / "logs" / f"{job.name}.log"
-        start = time.perf_counter()
-        with open(log, "w") as out:
-            status = subprocess.run(
-                [sys.executable, "-m", job.module, *job.args()],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.root,
-            ).returncode
-        if status != 0:
-            tail = "\n".join(log.read_text().splitlines()[-25:])
-            raise RuntimeError(f"{job.name} failed (exit {status}); the end of {log}:\n{tail}")
-        self.seconds[job.name] = time.perf_counter() - start
-        print(f"[demo] {job.name} done in {self.seconds[job.name]:.0f} s", flush=True)
-
-    def run(self, jobs: list[Job]) -> None:
-        todo, done, failures = list(jobs), set(), []
-        lock = threading.Condition()
-
-        def worker() -> None:
-            while True:
-                with lock:
-                    while True:
-                        if failures or not todo:
-                            return
-                        ready = next((j for j in todo if set(j.after) <= done), None)
-                        if ready is not None:
-                            todo.remove(ready)
-                            break
-                        lock.wait()
-                try:
-                    self._run(ready)
-                except RuntimeError as err:
-                    with lock:
-                        failures.append(err)
-                        lock.notify_all()
-                    return
-                with lock:
-                    done.add(ready.name)
-                    lock.notify_all()
-
-        threads = [threading.Thread(target=worker) for _ in range(self.workers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if failures:
-            raise SystemExit(f"[demo] {failures[0]}")
-
-
-def _resolve(overrides):
-    return overrides() if callable(overrides) else list(overrides)
+    cfg = compose_train_config(overrides)
+    prepare(cfg)
+    kv_dir = Path(cfg.kv.dir)
+    return kv_dir, json.loads((kv_dir / "manifest.json").read_text())
 
 
 def random_augment(root: Path, kv_dir: Path, seed: int) -> Path:
     """An augment of the specialist's exact shape with random weights (the paper's control)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
+    from comm_cli.compose.blocks import is_encoder
     from comm_cli.training.models import load_tokenizer
 
     target = root / "random_augment"
     if not (target / "config.json").is_file():
         config = AutoConfig.from_pretrained(kv_dir / "augment")
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = (AutoModelForMaskedLM if is_encoder(config) else AutoModelForCausalLM).from_config(config)
         tmp = root / ".random_augment.tmp"
         model.save_pretrained(tmp)
         load_tokenizer(str(kv_dir / "augment")).save_pretrained(tmp)
@@ -172,10 +91,205 @@ def exact_matches(root: Path, name: str, variant: str | None = None) -> dict[str
     }
 
 
+def value_errors(eval_dir: Path, kv_dir: Path) -> dict[str, dict[str, float]]:
+    """Where a composition fails, by the value it had to carry: for each value, how many of the
+    composition keys hold it (what the bridges trained on) and the fraction of held-out key slots
+    with that value that the substitution got wrong (``kv_substitution_heldout`` predictions)."""
+    from comm_cli.experiments.kv_arithmetic.world import KVWorld
+
+    world = KVWorld.load(kv_dir / "world.json")
+    training = {v: 0 for v in range(world.num_values)}
+    for key in world.composition_keys:
+        training[world.values[key]] += 1
+    slots = {v: [0, 0] for v in range(world.num_values)}  # value -> [wrong, total]
+    for line in (eval_dir / "predictions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["task"] != "kv_substitution_heldout" or "(" in row["model"]:
+            continue
+        keys = [
+            row["prompt"][i : i + world.key_length]
+            for i in range(0, len(row["prompt"]) - 1, world.key_length + 1)
+        ]
+        digits = [c for c in str(row["prediction"]).split("=")[0] if c.isdigit()]
+        for i, key in enumerate(keys):
+            value = world.values[key]
+            slots[value][1] += 1
+            slots[value][0] += not (i < len(digits) and digits[i] == str(value))
+    return {
+        str(v): {"composition_keys": training[v], "error": slots[v][0] / max(1, slots[v][1])}
+        for v in range(world.num_values)
+    }
+
+
+@dataclass
+class KVTable:
+    """Every run behind one table: the specialists of one build (``kv_dir``), CALM trained with
+    each of ``calm_seeds``, and the controls once. Runs live under ``root``; job keys start with
+    ``prefix`` so that several tables can share one Runner."""
+
+    root: Path
+    kv_dir: Path
+    calm_seeds: tuple[int, ...] = (0,)
+    lora_lrs: tuple[str, ...] = ("1e-3", "3e-3", "1e-2")
+    lora_steps: int = 300
+    train_overrides: list[str] = field(default_factory=list)
+    eval_overrides: list[str] = field(default_factory=list)
+    fast: bool = False
+    prefix: str = ""
+    # False for an encoder augment: it cannot write text, so "m_A alone" has no generations to score
+    augment_generates: bool = True
+    lora_loss: dict[str, float] = field(default_factory=dict)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def calm_name(self, seed: int) -> str:
+        return "calm" if seed == self.calm_seeds[0] else f"calm_seed{seed}"
+
+    def _train_keys(self) -> list[str]:
+        out = [f"+task@tasks.{TRAIN_KEYS}={TRAIN_KEYS}"]
+        return out + ([f"tasks.{TRAIN_KEYS}.data.kv.eval_examples=8"] if self.fast else [])
+
+    def best_lora_lr(self) -> str:
+        if not self.lora_loss:
+            for lr in self.lora_lrs:
+                summary = json.loads((self.root / f"lora_lr{lr}" / "train_summary.json").read_text())
+                self.lora_loss[lr] = summary["metrics"].get("val/loss", float("inf"))
+        return min(self.lora_loss, key=self.lora_loss.get)
+
+    def jobs(self) -> list[Job]:
+        """The long trainings first; evaluations of the untrained specialists fill the gaps, each
+        trained system is scored as soon as it is done."""
+        root, key, train, base = self.root, self.key, self.train_overrides, self.eval_overrides
+        random_dir = random_augment(root, self.kv_dir, seed=1234)
+        jobs = []
+        for seed in self.calm_seeds:
+            name = self.calm_name(seed)
+            jobs.append(train_job(name, root, train + [f"seed={seed}"], key=key(name)))
+        jobs.append(
+            train_job(
+                "calm_random_augment",
+                root,
+                train + [f"augment.name_or_path={random_dir}"],
+                key=key("calm_random_augment"),
+            )
+        )
+        for seed in self.calm_seeds:
+            name = self.calm_name(seed)
+            checkpoint = root / name / "composition"
+            jobs.append(
+                eval_job(
+                    name,
+                    root,
+                    base
+                    + self._train_keys()
+                    + ["model=calm", f"checkpoint={checkpoint}", "bridges_off=true"],
+                    after=(key(name),),
+                    key=key(f"eval_{name}"),
+                )
+            )
+        jobs.append(
+            eval_job(
+                "calm_random",
+                root,
+                base
+                + self._train_keys()
+                + ["model=calm", f"checkpoint={root / 'calm_random_augment' / 'composition'}"],
+                after=(key("calm_random_augment"),),
+                key=key("eval_calm_random"),
+            )
+        )
+        lora_steps = 4 if self.fast else self.lora_steps
+        for lr in self.lora_lrs:
+            jobs.append(
+                train_job(
+                    f"lora_lr{lr}",
+                    root,
+                    train + ["method=lora", f"optimizer.lr={lr}", f"trainer.max_steps={lora_steps}"],
+                    key=key(f"lora_lr{lr}"),
+                )
+            )
+        if self.augment_generates:
+            jobs.append(
+                eval_job("m_A", root, base + ["model=augment", "checkpoint=null"], key=key("eval_m_A"))
+            )
+        jobs.append(eval_job("m_B", root, base + ["model=anchor", "checkpoint=null"], key=key("eval_m_B")))
+        jobs.append(
+            eval_job(
+                "lora",
+                root,
+                lambda: (
+                    base
+                    + self._train_keys()
+                    + ["model=lora", f"checkpoint={root / f'lora_lr{self.best_lora_lr()}' / 'adapter'}"]
+                ),
+                after=tuple(key(f"lora_lr{lr}") for lr in self.lora_lrs),
+                key=key("eval_lora"),
+            )
+        )
+        return jobs
+
+    def collect(self) -> dict:
+        """The finished table: rows for the first CALM seed, and CALM's results for every seed."""
+        root, best_lr = self.root, self.best_lora_lr()
+
+        def summary(name: str) -> dict:
+            return json.loads((root / name / "train_summary.json").read_text())
+
+        calm = self.calm_name(self.calm_seeds[0])
+        results = {
+            "m_A alone": exact_matches(root, "m_A") if self.augment_generates else {},
+            "m_B alone": exact_matches(root, "m_B"),
+            "LoRA on m_B": exact_matches(root, "lora"),
+            "CALM": exact_matches(root, calm),
+            "CALM, random m_A": exact_matches(root, "calm_random"),
+        }
+        params = {
+            "m_A alone": 0,
+            "m_B alone": 0,
+            "LoRA on m_B": summary(f"lora_lr{best_lr}")["parameters"]["trainable"],
+            "CALM": summary(calm)["parameters"]["trainable"],
+            "CALM, random m_A": summary("calm_random_augment")["parameters"]["trainable"],
+        }
+        rows = [
+            {"system": s, **{c: results[s].get(c) for c in COLUMNS}, "trainable_params": params[s]}
+            for s in SYSTEMS
+        ]
+        calm_runs = []
+        for seed in self.calm_seeds:
+            name = self.calm_name(seed)
+            on, off = exact_matches(root, name), exact_matches(root, name, "bridges off")
+            calm_runs.append(
+                {
+                    "seed": seed,
+                    **{c: on.get(c) for c in COLUMNS},
+                    TRAIN_KEYS: on.get(TRAIN_KEYS),
+                    "numeric_arithmetic_bridges_off": off.get("numeric_arithmetic"),
+                    "val_loss": summary(name)["metrics"].get("val/loss"),
+                    "value_errors": value_errors(root / f"eval_{name}", self.kv_dir),
+                }
+            )
+        return {
+            "rows": rows,
+            "calm_runs": calm_runs,
+            "calm_bridges_off": exact_matches(root, calm, "bridges off"),
+            "train_keys_kv_arithmetic": {
+                s: results[s].get(TRAIN_KEYS) for s in ("LoRA on m_B", "CALM", "CALM, random m_A")
+            },
+            "lora_sweep_val_loss": self.lora_loss,
+            "lora_best_lr": best_lr,
+            "lora_steps": 4 if self.fast else self.lora_steps,
+        }
+
+
 def format_table(rows: list[dict]) -> str:
     header = ["system", *COLUMNS, "trainable_params"]
     lines = [header] + [
-        [row["system"], *(f"{100 * row[c]:.1f}%" for c in COLUMNS), f"{row['trainable_params']:,}"]
+        [
+            row["system"],
+            *("n/a" if row[c] is None else f"{100 * row[c]:.1f}%" for c in COLUMNS),
+            f"{row['trainable_params']:,}",
+        ]
         for row in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -187,11 +301,8 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--output-root", default="outputs/kv_demo")
+def add_common_arguments(parser: argparse.ArgumentParser, default_root: str) -> None:
+    parser.add_argument("--output-root", default=default_root)
     parser.add_argument("--fast", action="store_true", help="tiny sizes, a few steps (checks the pipeline)")
     parser.add_argument("--lora-lrs", default="1e-3,3e-3,1e-2", help="LoRA learning-rate sweep")
     parser.add_argument(
@@ -200,136 +311,99 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--logger", default="none", help="tracker of every run (wandb, tensorboard, none)")
+    parser.add_argument(
+        "--experiment",
+        default="kv_arithmetic",
+        help="kv_arithmetic, kv_arithmetic_cross_tokenizer (BPE anchor) or kv_arithmetic_encoder (encoder augment)",
+    )
+
+
+def base_overrides(args, specialist_seed: int) -> tuple[list[str], list[str]]:
+    """(comm-train overrides, comm-eval overrides without kv.dir) shared by every run of a table."""
+    train = [
+        f"experiment={args.experiment}",
+        f"logger={args.logger}",
+        "trainer.progress_bar=false",
+        f"kv.specialists.seed={specialist_seed}",
+    ]
+    train += FAST_TRAIN if args.fast else []
+    evaluation = [f"logger={args.logger}"] + (FAST_EVAL if args.fast else [])
+    if args.fast:
+        evaluation += [f"tasks.{task}.data.kv.eval_examples=8" for task in COLUMNS]
+    return train, evaluation
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_arguments(parser, "outputs/kv_demo")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the specialists (world and weights)")
+    parser.add_argument("--calm-seed", type=int, default=0, help="training seed of CALM")
     args = parser.parse_args()
 
     root = Path(args.output_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    base = [f"logger={args.logger}", "trainer.progress_bar=false"] + (FAST_TRAIN if args.fast else [])
-    lora_steps = 4 if args.fast else args.lora_steps
-
-    # 1. the specialists, once, before anything runs in parallel
-    cfg = compose_train_config(base)
-    from comm_cli.experiments.kv_arithmetic.setup import prepare
-
-    prepare(cfg)
-    kv_dir = Path(cfg.kv.dir)
+    train, evaluation = base_overrides(args, args.seed)
+    print(
+        f"[demo] {args.experiment}: specialist seed {args.seed}, CALM training seed {args.calm_seed}",
+        flush=True,
+    )
+    kv_dir, manifest = prepare_specialists(train)
     print(f"[demo] specialists ready in {kv_dir} ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    # 2-4. CALM, the controls and their evaluations: the long trainings first, the evaluations
-    # of the untrained specialists fill gaps, each trained system is scored as soon as it is done.
-    runner = Runner(root, args.workers, args.threads)
-    random_dir = random_augment(root, kv_dir, seed=1234)
-    lrs = args.lora_lrs.split(",")
-    eval_base = [f"logger={args.logger}", f"kv.dir={kv_dir}"] + (FAST_EVAL if args.fast else [])
-    if args.fast:
-        eval_base += [f"tasks.{task}.data.kv.eval_examples=8" for task in COLUMNS]
-    train_keys = [f"+task@tasks.{TRAIN_KEYS}={TRAIN_KEYS}"]
-    if args.fast:
-        train_keys.append(f"tasks.{TRAIN_KEYS}.data.kv.eval_examples=8")
-    lora_loss: dict[str, float] = {}
-
-    def best_lora_lr() -> str:
-        if not lora_loss:
-            for lr in lrs:
-                summary = json.loads((root / f"lora_lr{lr}" / "train_summary.json").read_text())
-                lora_loss[lr] = summary["metrics"].get("val/loss", float("inf"))
-            print(
-                f"[demo] LoRA sweep {lora_loss}: best lr {min(lora_loss, key=lora_loss.get)} by validation loss"
-            )
-        return min(lora_loss, key=lora_loss.get)
-
-    calm_dir, random_calm_dir = root / "calm" / "composition", root / "calm_random_augment" / "composition"
-    lora_names = tuple(f"lora_lr{lr}" for lr in lrs)
-    runner.run(
-        [
-            runner.train("calm", base),
-            runner.train("calm_random_augment", base + [f"augment.name_or_path={random_dir}"]),
-            runner.eval(
-                "calm",
-                eval_base + train_keys + ["model=calm", f"checkpoint={calm_dir}", "bridges_off=true"],
-                ("calm",),
-            ),
-            runner.eval(
-                "calm_random",
-                eval_base + train_keys + ["model=calm", f"checkpoint={random_calm_dir}"],
-                ("calm_random_augment",),
-            ),
-            *(
-                runner.train(
-                    f"lora_lr{lr}",
-                    base + ["method=lora", f"optimizer.lr={lr}", f"trainer.max_steps={lora_steps}"],
-                )
-                for lr in lrs
-            ),
-            runner.eval("m_A", eval_base + ["model=augment", "checkpoint=null"]),
-            runner.eval("m_B", eval_base + ["model=anchor", "checkpoint=null"]),
-            runner.eval(
-                "lora",
-                lambda: (
-                    eval_base
-                    + train_keys
-                    + ["model=lora", f"checkpoint={root / f'lora_lr{best_lora_lr()}' / 'adapter'}"]
-                ),
-                lora_names,
-            ),
-        ]
+    table = KVTable(
+        root=root,
+        kv_dir=kv_dir,
+        augment_generates=manifest["settings"]["augment"].get("kind", "causal") != "encoder",
+        calm_seeds=(args.calm_seed,),
+        lora_lrs=tuple(args.lora_lrs.split(",")),
+        lora_steps=args.lora_steps,
+        train_overrides=train,
+        eval_overrides=evaluation + [f"kv.dir={kv_dir}"],
+        fast=args.fast,
     )
-    best_lr = best_lora_lr()
-    summaries = {
-        name: json.loads((root / name / "train_summary.json").read_text())
-        for name in ["calm", "calm_random_augment", f"lora_lr{best_lr}"]
-    }
-
-    # 5. the table
-    results = {
-        "m_A alone": exact_matches(root, "m_A"),
-        "m_B alone": exact_matches(root, "m_B"),
-        "LoRA on m_B": exact_matches(root, "lora"),
-        "CALM": exact_matches(root, "calm"),
-        "CALM, random m_A": exact_matches(root, "calm_random"),
-    }
-    params = {
-        "m_A alone": 0,
-        "m_B alone": 0,
-        "LoRA on m_B": summaries[f"lora_lr{best_lr}"]["parameters"]["trainable"],
-        "CALM": summaries["calm"]["parameters"]["trainable"],
-        "CALM, random m_A": summaries["calm_random_augment"]["parameters"]["trainable"],
-    }
-    rows = [
-        {"system": s, **{c: results[s].get(c) for c in COLUMNS}, "trainable_params": params[s]}
-        for s in SYSTEMS
-    ]
+    runner = Runner(root / "logs", args.workers, args.threads)
+    runner.run(table.jobs())
+    result = table.collect()
+    print(
+        f"[demo] LoRA sweep {result['lora_sweep_val_loss']}: best lr {result['lora_best_lr']} by validation loss"
+    )
     elapsed = time.perf_counter() - start
-    table = {
-        "rows": rows,
-        "calm_bridges_off": exact_matches(root, "calm", "bridges off"),
-        "train_keys_kv_arithmetic": {
-            s: results[s].get(TRAIN_KEYS) for s in ("LoRA on m_B", "CALM", "CALM, random m_A")
-        },
-        "lora_sweep_val_loss": lora_loss,
-        "lora_best_lr": best_lr,
-        "lora_steps": lora_steps,
-        "job_seconds": {k: round(v, 1) for k, v in runner.seconds.items()},
-        "seconds": round(elapsed, 1),
-        "workers": args.workers,
-        "threads_per_worker": args.threads,
-        "fast": args.fast,
-    }
+    result.update(
+        {
+            "experiment": args.experiment,
+            "specialist_seed": args.seed,
+            "calm_seed": args.calm_seed,
+            "kv_dir": str(kv_dir),
+            "job_seconds": {k: round(v, 1) for k, v in runner.seconds.items()},
+            "seconds": round(elapsed, 1),
+            "workers": args.workers,
+            "threads_per_worker": args.threads,
+            "fast": args.fast,
+        }
+    )
     from comm_cli.atomic import atomic_write_text
 
     path = root / "table.json"
-    atomic_write_text(path, json.dumps(table, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    rows = result["rows"]
     print()
     print(format_table(rows))
-    off = table["calm_bridges_off"].get("numeric_arithmetic")
+    off = result["calm_bridges_off"].get("numeric_arithmetic")
+    m_b = next(r for r in rows if r["system"] == "m_B alone")["numeric_arithmetic"]
     print(
-        f"\nCALM with its bridges switched off: numeric_arithmetic {100 * (off or 0):.1f}% (m_B alone: "
-        f"{100 * results['m_B alone'].get('numeric_arithmetic', 0):.1f}%)"
+        f"\nCALM with its bridges switched off: numeric_arithmetic {100 * (off or 0):.1f}% "
+        f"(m_B alone: {100 * (m_b or 0):.1f}%)"
     )
     print(
         "kv_arithmetic on the composition (training) keys: "
-        + ", ".join(f"{s} {100 * (v or 0):.1f}%" for s, v in table["train_keys_kv_arithmetic"].items())
+        + ", ".join(f"{s} {100 * (v or 0):.1f}%" for s, v in result["train_keys_kv_arithmetic"].items())
+    )
+    print(
+        f"[demo] one run: specialist seed {args.seed}, CALM seed {args.calm_seed}; "
+        "`make demo-seeds` gives the mean, minimum and spread over seeds"
     )
     print(f"[demo] {elapsed:.0f} s in all; table written to {path}")
 

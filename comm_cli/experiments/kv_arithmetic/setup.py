@@ -19,20 +19,45 @@ logger = logging.getLogger(__name__)
 def uses_kv_specialists(cfg) -> bool:
     """Whether a train or eval config reads anything from ``kv.dir``."""
     kv_dir = str(Path(cfg.kv.dir).expanduser())
-    names = [cfg.anchor.name_or_path, cfg.augment.name_or_path]
+    names = _models_in_use(cfg)
     datas = [getattr(cfg, "data", None)] + [task.data for task in getattr(cfg, "tasks", {}).values()]
     uses_data = any(getattr(data, "synthetic", None) == "kv_arithmetic" for data in datas)
     return uses_data or any(str(name).startswith(kv_dir) for name in names)
+
+
+def _models_in_use(cfg) -> list[str]:
+    """The base models this job loads: comm-eval's ``model=anchor`` reads only the anchor, and a
+    saved composition names its own bases (so ``comm-eval model=anchor anchor.name_or_path=X``
+    does not build the specialists because the default augment preset points into kv.dir)."""
+    kind = getattr(cfg, "model", None)  # comm-eval's model kind; comm-train has none
+    if kind in ("anchor", "lora"):
+        return [cfg.anchor.name_or_path]
+    if kind == "augment":
+        return [cfg.augment.name_or_path]
+    if kind == "full":
+        return []
+    checkpoint = getattr(cfg, "checkpoint", None)
+    if kind == "calm" and checkpoint and (Path(checkpoint) / "composition_config.json").is_file():
+        from comm_cli.compose.saving import read_composition_config
+
+        config = read_composition_config(checkpoint)
+        return [config.anchor.name_or_path, *(a.model.name_or_path for a in config.augments)]
+    return [cfg.anchor.name_or_path, cfg.augment.name_or_path]
 
 
 def prepare(cfg) -> None:
     """Build the specialists when this config uses them and they are not cached yet."""
     if not uses_kv_specialists(cfg):
         return
-    from comm_cli.experiments.kv_arithmetic.specialists import ensure_specialists, read_complete_manifest
+    from comm_cli.experiments.kv_arithmetic.specialists import (
+        ensure_specialists,
+        read_complete_manifest,
+        remove_stale_partials,
+    )
 
     kv_dir = Path(cfg.kv.dir).expanduser()
     settings = cfg.kv.specialists
+    remove_stale_partials(kv_dir)  # killed builds' leftovers, also when the cached build is reused
     if read_complete_manifest(kv_dir, settings) is not None:
         return
     built_hash = _complete_build_hash(kv_dir)

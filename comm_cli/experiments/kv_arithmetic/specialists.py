@@ -31,6 +31,8 @@ import math
 import os
 import random
 import shutil
+import socket
+import string
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the training recipe changes in a way the settings do not show, so that cached
 # specialists built by older code are rebuilt rather than reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 MANIFEST = "manifest.json"
 WORLD = "world.json"
 # The only entries a specialists directory holds; a directory with anything else is not ours to replace.
@@ -71,6 +73,13 @@ class AugmentSettings:
     warmup_steps: int = 40
     weight_decay: float = 0.0
     pairs_per_line: int = 8
+    # "causal" (Qwen2-style, next-token loss on the values) or "encoder" (BERT-style, masked-LM on
+    # the values: the variant composed in prompt mode).
+    kind: str = "causal"
+    # encoder: a masked value is shown as [MASK] or, this often, as one of the characters that
+    # follow a key in a prompt ("+-=" or a letter), so that the encoder's state right after a key
+    # in ``abc+xyz-def=`` predicts the key's value (BERT's random replacement, made frequent).
+    replace_fraction: float = 0.5
 
 
 @dataclass
@@ -102,14 +111,21 @@ class SpecialistSettings:
     num_keys: int = 500
     key_length: int = 3
     composition_fraction: float = 0.2
+    # Composition keys hold every value equally often (KVWorld.create(balanced=True)).
+    balanced_split: bool = False
     min_operands: int = 2
     max_operands: int = 3
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     anchor: AnchorSettings = field(default_factory=AnchorSettings)
     eval_examples: int = 500
-    # Not part of the settings hash: the thread count changes speed (and float rounding), not
-    # what is built. None leaves torch's setting alone.
-    num_threads: int | None = 2
+    # The anchor's tokenizer: "char" (shared with the augment) or "bpe" (trained on the anchor's
+    # own pretraining text, ``bpe_vocab_size`` tokens: the cross-tokenizer variant).
+    anchor_tokenizer: str = "char"
+    bpe_vocab_size: int = 160
+    # Not part of the settings hash: how many processes build the two specialists (2: side by
+    # side, 1: one after the other). Each trains with exactly one torch thread either way, so
+    # the weights do not depend on this or on the machine's thread settings.
+    processes: int = 2
 
     @classmethod
     def tiny(cls, seed: int = 0) -> SpecialistSettings:
@@ -129,16 +145,32 @@ class SpecialistSettings:
     @classmethod
     def from_dict(cls, data: dict) -> SpecialistSettings:
         data = dict(data)
+        data.pop("num_threads", None)  # written by comm before the build was single-threaded
         augment = AugmentSettings(**data.pop("augment", {}))
         anchor = AnchorSettings(**data.pop("anchor", {}))
         return cls(augment=augment, anchor=anchor, **data)
 
     def hash(self) -> str:
-        """A short stable hash of what decides the weights (the recipe version included)."""
+        """A short stable hash of what decides the weights (the recipe version included). Options
+        added after a release leave the hash alone at their default, so builds stay reused."""
         data = self.to_dict()
-        data.pop("num_threads")
+        data.pop("processes")
+        for section, key, default in _LATER_OPTIONS:
+            where = data[section] if section else data
+            if where.get(key) == default:
+                where.pop(key)
         data["recipe_version"] = RECIPE_VERSION
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# (section, key, default) of settings added after RECIPE_VERSION 2.
+_LATER_OPTIONS = (
+    (None, "anchor_tokenizer", "char"),
+    (None, "balanced_split", False),
+    (None, "bpe_vocab_size", 160),
+    ("augment", "kind", "causal"),
+    ("augment", "replace_fraction", 0.5),
+)
 
 
 @dataclass
@@ -169,6 +201,7 @@ def ensure_specialists(
     settings = settings or SpecialistSettings()
     out_dir = Path(out_dir)
     if not force:
+        remove_stale_partials(out_dir)  # a killed build's leftovers go even when nothing is built
         manifest = read_complete_manifest(out_dir, settings)
         if manifest is not None:
             logger.info("reusing specialists in %s (settings %s)", out_dir, settings.hash())
@@ -182,12 +215,11 @@ def build_specialists(out_dir: str | Path, settings: SpecialistSettings | None =
     out_dir = Path(out_dir).absolute()
     _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{time.time_ns()}"
+    remove_stale_partials(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{_HOST}-{time.time_ns()}"
     tmp.mkdir()
     try:
-        with _torch_threads(settings.num_threads):
-            manifest = _build_into(tmp, settings)
+        manifest = _build_into(tmp, settings)
         return _install(tmp, out_dir, settings, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -225,29 +257,87 @@ def _build_into(root: Path, settings: SpecialistSettings) -> dict:
         num_keys=settings.num_keys,
         key_length=settings.key_length,
         composition_fraction=settings.composition_fraction,
+        balanced=settings.balanced_split,
     )
     world.save(root / WORLD)
-    tokenizer = build_char_tokenizer()
-    models = {}
-    for name, train in (("augment", _train_augment), ("anchor", _train_anchor)):
-        model, manifest = train(world, tokenizer, settings)
-        with _no_progress_bars():
-            model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        manifest["settings_hash"] = settings.hash()
-        (root / name / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        models[name] = manifest
+    names = ("augment", "anchor")
+    if settings.processes > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a fresh interpreter per specialist, whatever threads this process has started
+        with ProcessPoolExecutor(
+            max_workers=2,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
+            futures = [pool.submit(_train_and_save, name, str(root), settings.to_dict()) for name in names]
+            models = dict(zip(names, (future.result() for future in futures)))
+    else:
+        models = {name: _train_and_save(name, str(root), settings.to_dict()) for name in names}
     return {
         "complete": True,
         "settings_hash": settings.hash(),
         "recipe_version": RECIPE_VERSION,
         "settings": settings.to_dict(),
-        "num_threads": torch.get_num_threads(),
+        "num_threads": 1,
+        "processes": settings.processes,
         "torch_version": torch.__version__,
         "total_seconds": round(time.perf_counter() - start, 2),
         "augment": models["augment"],
         "anchor": models["anchor"],
     }
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A build worker ends when the process that started it is killed (Linux: the kernel sends
+    it SIGTERM), instead of training on, orphaned, into a directory nobody will install. A
+    parent that died while this worker was still starting is caught by the pid check."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _train_and_save(name: str, root: str, settings_dict: dict) -> dict:
+    """Train one specialist with a single torch thread (its weights then do not depend on the
+    thread count: float sums are not split across threads) and save it; its manifest."""
+    settings = SpecialistSettings.from_dict(settings_dict)
+    world = KVWorld.load(Path(root) / WORLD)
+    tokenizer = specialist_tokenizer(name, settings)
+    train = {"augment": _train_augment, "anchor": _train_anchor}[name]
+    if name == "augment" and settings.augment.kind == "encoder":
+        train = _train_encoder_augment
+    with _torch_threads(1):
+        model, manifest = train(world, tokenizer, settings)
+    with _no_progress_bars():
+        model.save_pretrained(Path(root) / name)
+    tokenizer.save_pretrained(Path(root) / name)
+    manifest["settings_hash"] = settings.hash()
+    (Path(root) / name / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def specialist_tokenizer(name: str, settings: SpecialistSettings):
+    """The tokenizer a specialist reads with: the character tokenizer, plus [MASK] for an encoder
+    augment, or the anchor's own BPE (cross-tokenizer variant)."""
+    if name == "anchor" and settings.anchor_tokenizer == "bpe":
+        from comm_cli.experiments.kv_arithmetic.bpe import anchor_texts, build_bpe_tokenizer
+
+        texts = anchor_texts(derive_seed(settings.seed, "anchor-bpe"), 20000, settings)
+        return build_bpe_tokenizer(texts, settings.bpe_vocab_size)
+    if settings.anchor_tokenizer not in ("char", "bpe"):
+        raise ValueError(f"anchor_tokenizer must be char or bpe, got {settings.anchor_tokenizer!r}")
+    tokenizer = build_char_tokenizer()
+    if name == "augment" and settings.augment.kind == "encoder":
+        tokenizer.add_special_tokens({"mask_token": "[MASK]"})
+    return tokenizer
 
 
 def _train_augment(world: KVWorld, tokenizer, settings: SpecialistSettings):
@@ -280,6 +370,92 @@ def _train_augment(world: KVWorld, tokenizer, settings: SpecialistSettings):
     )
 
 
+def _train_encoder_augment(world: KVWorld, tokenizer, settings: SpecialistSettings):
+    """A BERT-style encoder that learns every key's value by masked-LM on the same key lines.
+
+    Every value is the masked token: shown as [MASK], or (``replace_fraction`` of the time) as a
+    character that follows a key in a prompt, so the encoder's state right after a key predicts
+    its value whatever stands there."""
+    s = settings.augment
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=s.width,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        intermediate_size=s.intermediate,
+        max_position_embeddings=128,
+        type_vocab_size=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    seed = derive_seed(settings.seed, "augment")
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(config)
+    rng = random.Random(seed)
+    vocab = tokenizer.get_vocab()
+    followers = [vocab[c] for c in "+-=" + string.ascii_lowercase]
+
+    def batch():
+        rows = []
+        for _ in range(s.batch_size):
+            line = kv.lookup_line(world, rng, world.keys, s.pairs_per_line)
+            ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
+            for c in line:
+                if c.isdigit():
+                    shown = (
+                        rng.choice(followers)
+                        if rng.random() < s.replace_fraction
+                        else tokenizer.mask_token_id
+                    )
+                    ids.append(shown)
+                    labels.append(vocab[c])
+                else:
+                    ids.append(vocab[c])
+                    labels.append(IGNORE_INDEX)
+            rows.append((ids, labels))
+        return _pad(rows, tokenizer.pad_token_id)
+
+    train_seconds, losses = _train_loop(model, batch, s.steps, s.lr, s.warmup_steps, s.weight_decay, seed)
+    start = time.perf_counter()
+    accuracy = evaluate_encoder_augment(model, tokenizer, world, settings)
+    return model, _model_manifest(
+        "augment", model, s, seed, train_seconds, time.perf_counter() - start, losses, accuracy
+    )
+
+
+@torch.no_grad()
+def evaluate_encoder_augment(
+    model, tokenizer, world: KVWorld, settings: SpecialistSettings
+) -> dict[str, float]:
+    """Its masked-LM guess of a key's value: at ``abc[MASK]`` for every key, and right after each
+    key inside held-out kv_arithmetic prompts (``abc+xyz-def=``: what the bridges read)."""
+    vocab = tokenizer.get_vocab()
+    keys = world.keys
+    ids = torch.tensor(
+        [[tokenizer.bos_token_id, *[vocab[c] for c in key], tokenizer.mask_token_id] for key in keys]
+    )
+    predicted = model(input_ids=ids).logits[:, -1].argmax(-1).tolist()
+    lookup = sum(tokenizer.convert_ids_to_tokens(p) == str(world.values[k]) for p, k in zip(predicted, keys))
+    examples = kv.sample_examples(
+        "kv_arithmetic", settings.eval_examples, derive_seed(settings.seed, "eval-augment"), world, "heldout",
+        settings.min_operands, settings.max_operands,
+    )  # fmt: skip
+    correct = total = 0
+    width = world.key_length
+    for e in examples:
+        prompt = e["prompt"]
+        row = torch.tensor([[tokenizer.bos_token_id, *[vocab[c] for c in prompt]]])
+        guesses = model(input_ids=row).logits[0].argmax(-1).tolist()
+        for k in range(0, len(prompt) - 1, width + 1):
+            after = 1 + k + width  # +1 for <bos>: the character right after the key
+            correct += tokenizer.convert_ids_to_tokens(guesses[after]) == str(
+                world.values[prompt[k : k + width]]
+            )
+            total += 1
+    return {"lookup_all_keys": lookup / len(keys), "lookup_in_heldout_expression": correct / max(1, total)}
+
+
 def _train_anchor(world: KVWorld, tokenizer, settings: SpecialistSettings):
     s = settings.anchor
     from transformers import LlamaConfig
@@ -290,6 +466,15 @@ def _train_anchor(world: KVWorld, tokenizer, settings: SpecialistSettings):
     rng = random.Random(seed)
 
     vocab = tokenizer.get_vocab()
+    if settings.anchor_tokenizer == "char":
+
+        def encode(text: str) -> list[int]:
+            return [vocab[c] for c in text]
+
+    else:
+
+        def encode(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def batch():
         rows = []
@@ -298,8 +483,8 @@ def _train_anchor(world: KVWorld, tokenizer, settings: SpecialistSettings):
             prefix = ""
             if rng.random() < s.prefix_fraction:
                 prefix = kv.random_prefix(rng, 1, s.max_prefix_length, s.shaped_prefix_fraction)
-            context = [tokenizer.bos_token_id] + [vocab[c] for c in prefix + example["prompt"]]
-            answer = [vocab[c] for c in example["completion"]] + [tokenizer.eos_token_id]
+            context = [tokenizer.bos_token_id] + encode(prefix + example["prompt"])
+            answer = encode(example["completion"]) + [tokenizer.eos_token_id]
             # Loss on the result and <eos> only: prefixes and operands are random.
             rows.append((context + answer, [IGNORE_INDEX] * len(context) + answer))
         return _pad(rows, tokenizer.pad_token_id)
@@ -558,14 +743,24 @@ def _install(tmp: Path, out_dir: Path, settings: SpecialistSettings, manifest: d
     return _paths(out_dir, manifest, built=True)
 
 
-def _remove_stale_partials(out_dir: Path) -> None:
-    """Delete leftovers of builds that were killed (their process is gone)."""
+# The build directory names carry the builder's host as well as its pid: on a cache shared by
+# several machines, a pid only says whether a build of *this* host is still running.
+_HOST = socket.gethostname().replace("-", "_").replace("/", "_") or "localhost"
+
+
+def remove_stale_partials(out_dir: str | Path) -> None:
+    """Delete leftovers of builds that were killed: ``.<name>.partial-<pid>-<host>-<ns>``
+    directories whose process is gone (``.partial-<pid>-<ns>``, the older form, counts as this
+    host's). A build of another host is left alone."""
+    out_dir = Path(out_dir).absolute()
     for entry in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        parts = entry.name.rsplit(".partial-", 1)[1].split("-")
         try:
-            pid = int(entry.name.rsplit(".partial-", 1)[1].split("-")[0])
+            pid = int(parts[0])
         except ValueError:
             continue
-        if not _process_alive(pid):
+        host = parts[1] if len(parts) == 3 else _HOST
+        if host == _HOST and not _process_alive(pid):
             shutil.rmtree(entry, ignore_errors=True)
 
 

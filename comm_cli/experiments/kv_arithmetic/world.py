@@ -38,9 +38,15 @@ class KVWorld:
         key_length: int = 3,
         num_values: int = 10,
         composition_fraction: float = 0.2,
+        balanced: bool = False,
     ) -> KVWorld:
         """Draw ``num_keys`` distinct random lowercase keys with values in ``[0, num_values)``
-        and put ``round(composition_fraction * num_keys)`` of them in the composition split."""
+        and put ``round(composition_fraction * num_keys)`` of them in the composition split.
+
+        ``balanced``: the composition keys hold every value equally often (as nearly as the
+        counts allow). A plain random split of 100 keys can leave a value with 4 keys; the
+        bridges then see that value too rarely to learn to carry it, and the held-out keys with it
+        fail (README, "what decided it")."""
         if num_keys > 26**key_length:
             raise DataError(
                 f"cannot draw {num_keys} distinct keys of length {key_length}: use longer keys or fewer keys"
@@ -62,6 +68,8 @@ class KVWorld:
         values = {key: rng.randrange(num_values) for key in keys}
         order = keys[:]
         rng.shuffle(order)
+        if balanced:
+            order = _balanced_order(order, values, num_values)
         return cls(
             seed=seed,
             values=values,
@@ -112,3 +120,17 @@ class KVWorld:
             key_length=data.get("key_length", 3),
             num_values=data.get("num_values", 10),
         )
+
+
+def _balanced_order(order: list[str], values: dict[str, int], num_values: int) -> list[str]:
+    """``order`` rearranged so that any prefix of it holds every value as evenly as possible:
+    round-robin over the values, each value's keys in their shuffled order."""
+    by_value: dict[int, list[str]] = {v: [] for v in range(num_values)}
+    for key in order:
+        by_value[values[key]].append(key)
+    out: list[str] = []
+    while len(out) < len(order):
+        for value in range(num_values):
+            if by_value[value]:
+                out.append(by_value[value].pop(0))
+    return out

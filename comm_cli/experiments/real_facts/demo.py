@@ -27,7 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-from comm_cli.experiments.jobs import Runner
+from comm_cli.experiments.jobs import Runner, eval_job, train_job
 
 SYSTEMS = (
     "Anchor alone",
@@ -37,7 +37,7 @@ SYSTEMS = (
     "CALM, generic augment",
     "CALM, random augment",
 )
-SUITE = "+suite=real_facts"
+SUITE = "suite=real_facts"
 
 
 def compose_train_config(overrides: list[str]):
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     # 2-3. trainings first (long), evaluations as soon as what they read exists
-    runner = Runner(root, args.workers, args.threads)
+    runner = Runner(root / "logs", args.workers, args.threads)
     seeds = [int(s) for s in args.calm_seeds.split(",")]
     lrs = args.lora_lrs.split(",")
     # comm-eval reads the very bases the trainings use
@@ -151,33 +151,36 @@ def main(argv: list[str] | None = None) -> None:
         return f"lora_lr{min(lora_loss, key=lora_loss.get)}"
 
     augment = {"generic": facts_dir / "generic", "random": facts_dir / "random"}
-    jobs = [runner.train(name, base + [f"seed={s}"]) for name, s in zip(calm_runs, seeds)]
+    jobs = [train_job(name, root, base + [f"seed={s}"]) for name, s in zip(calm_runs, seeds)]
     jobs += [
-        runner.train(f"calm_{kind}", base + [f"augment.name_or_path={path}"])
+        train_job(f"calm_{kind}", root, base + [f"augment.name_or_path={path}"])
         for kind, path in augment.items()
     ]
     jobs += [
-        runner.train(name, base + ["method=lora", f"optimizer.lr={lr}"]) for name, lr in zip(lora_runs, lrs)
+        train_job(name, root, base + ["method=lora", f"optimizer.lr={lr}"])
+        for name, lr in zip(lora_runs, lrs)
     ]
     jobs += [
-        runner.eval(
-            name, eval_base + [f"checkpoint={root / name / 'composition'}", "bridges_off=true"], (name,)
+        eval_job(
+            name, root, eval_base + [f"checkpoint={root / name / 'composition'}", "bridges_off=true"], (name,)
         )
         for name in calm_runs
     ]
     jobs += [
-        runner.eval(
+        eval_job(
             f"calm_{kind}",
+            root,
             eval_base + [f"checkpoint={root / f'calm_{kind}' / 'composition'}"],
             (f"calm_{kind}",),
         )
         for kind in augment
     ]
     jobs += [
-        runner.eval("anchor", eval_base + ["model=anchor", "checkpoint=null"]),
-        runner.eval("specialist", eval_base + ["model=augment", "checkpoint=null"]),
-        runner.eval(
+        eval_job("anchor", root, eval_base + ["model=anchor", "checkpoint=null"]),
+        eval_job("specialist", root, eval_base + ["model=augment", "checkpoint=null"]),
+        eval_job(
             "lora",
+            root,
             lambda: eval_base + ["model=lora", f"checkpoint={root / best_lora() / 'adapter'}"],
             tuple(lora_runs),
         ),
