@@ -537,6 +537,8 @@ def bench_tokenizer(corpus: list[str], vocab_size: int):
 
 def cut_to_tokens(tokenizer, text: str, count: int) -> str:
     """The start of ``text`` that holds its first ``count`` tokens."""
+    if count <= 0:
+        return ""
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     if len(offsets) < count:
         raise ValueError(f"text of {len(offsets)} tokens, {count} needed")
