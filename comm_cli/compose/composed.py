@@ -53,14 +53,21 @@ from comm_cli.compose.masks import (
 )
 from comm_cli.compose.specs import AugmentSpec, BridgeConfig, CompositionConfig, MappingSpec, ModelSpec
 from comm_cli.errors import ConfigError
-from comm_cli.losses import next_token_loss
+from comm_cli.losses import (
+    hidden_states_loss,
+    kept_logits_loss,
+    loss_mask,
+    loss_targets,
+    next_token_loss,
+)
+from comm_cli.output_head import keeps_loss_logits, output_head
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class CompositionOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the loss was computed without logits (return_logits=False)
     loss: torch.Tensor | None = None
     cache: CompositionCache | None = None
 
@@ -687,8 +694,15 @@ class ComposedModel(nn.Module):
         augment_states: Sequence[dict[int, torch.Tensor] | None] | None = None,
         anchor_ends: torch.Tensor | None = None,
         augment_inputs: Sequence[dict[str, torch.Tensor] | None] | None = None,
+        return_logits: bool = True,
+        loss_reduction: str = "mean",
     ) -> CompositionOutput:
-        """Logits of the composition (and the mean next-token loss over ``labels`` != -100).
+        """Logits of the composition (and the next-token loss over ``labels`` != -100, the mean or,
+        with ``loss_reduction="sum"``, the sum over tokens).
+
+        With ``labels`` and ``return_logits=False`` (what training does) no logits are returned
+        and the anchor's head runs only at the loss positions, in chunks: no (batch, seq, vocab)
+        tensor is made (``comm_cli.losses.hidden_states_loss``).
 
         ``attention_mask`` covers the cached columns plus these ones (HF convention); positions
         count only real tokens, so left and right padding give the same logits on real tokens.
@@ -731,6 +745,9 @@ class ComposedModel(nn.Module):
             )
         anchor_kwargs = {self._anchor_cache_kw: cache.anchor} if cache is not None else {}
         try:
+            if labels is not None and not return_logits and cache is None:
+                loss = self._anchor_loss(input_ids, attention_mask, position_ids, labels, loss_reduction)
+                return CompositionOutput(logits=None, loss=loss)
             out = self.anchor(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -743,8 +760,23 @@ class ComposedModel(nn.Module):
             self._active = None
         if cache is not None:
             cache.seen += length
-        loss = next_token_loss(out.logits, labels) if labels is not None else None
+        loss = next_token_loss(out.logits, labels, loss_reduction) if labels is not None else None
         return CompositionOutput(logits=out.logits, loss=loss, cache=cache)
+
+    def _anchor_loss(self, input_ids, attention_mask, position_ids, labels, reduction) -> torch.Tensor:
+        """The anchor's next-token loss without its full logits: its base model's hidden states
+        through the head at the loss positions only (the bridge hooks run inside the base model),
+        or, for a head comm cannot apply itself, the anchor's logits at those positions."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        head = output_head(self.anchor)
+        if head is not None:
+            hidden = self.anchor.base_model(**inputs, use_cache=False).last_hidden_state
+            return hidden_states_loss(hidden, labels, head, reduction)
+        if keeps_loss_logits(self.anchor):
+            logits = self.anchor(**inputs, use_cache=False, logits_to_keep=loss_mask(labels)).logits
+            return kept_logits_loss(logits, loss_targets(labels.to(logits.device)), reduction)
+        logits = self.anchor(**inputs, use_cache=False).logits
+        return next_token_loss(logits, labels, reduction)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):

@@ -1,7 +1,12 @@
-"""Loading frozen base models and their configs from a hub id or a local directory.
+"""Loading frozen base models and their configs from a hub id, a local directory or a GGUF file.
+
+A spec with ``gguf_file`` names a GGUF checkpoint inside ``name_or_path``; transformers reads its
+config from the file's metadata and de-quantises its tensors into an ordinary model of the spec's
+dtype, so everything downstream (blocks, bridges, saving) is the same as for safetensors.
 
 Errors that a user causes (a path that does not exist, an id the hub does not know, a
-``trust_remote_code`` model without the flag) become one-line ModelLoadErrors.
+``trust_remote_code`` model without the flag, a GGUF file that is missing or holds an
+architecture transformers cannot read) become one-line ModelLoadErrors.
 """
 
 from __future__ import annotations
@@ -34,7 +39,84 @@ def canonical_name(name_or_path: str) -> str:
     return str(path.resolve()) if path.is_dir() else name_or_path
 
 
+def _gguf_kwargs(spec: ModelSpec) -> dict:
+    return {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+
+
+def _gguf_model_kwargs(spec: ModelSpec) -> dict:
+    """Ask for every weight de-quantised at load time: a plain dense model of the spec's dtype,
+    never one that keeps GGUF blocks (which newer transformers does when a matmul kernel is
+    installed, and which could then not train through, carry LoRA, or be saved)."""
+    kwargs = _gguf_kwargs(spec)
+    if kwargs:
+        try:
+            from transformers import GgufConfig
+        except ImportError:  # older transformers always de-quantise
+            return kwargs
+        kwargs["quantization_config"] = GgufConfig(gguf_file=spec.gguf_file, dequantize=True)
+    return kwargs
+
+
+def _forget_gguf_origin(model) -> None:
+    """A de-quantised model still carries transformers' GGUF quantizer, which refuses
+    ``save_pretrained``; once the weights are dense it describes nothing, so drop it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(model.config, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        quantizer.remove_quantization_config(model)
+
+
+def check_gguf(spec: ModelSpec, what: str = "model") -> None:
+    """What transformers reports badly about a GGUF spec, checked before it is asked: the
+    ``gguf`` package, and a local file that is not there."""
+    if not spec.gguf_file:
+        return
+    try:
+        import gguf  # noqa: F401
+    except ImportError as err:
+        raise ModelLoadError(
+            f"{what} '{spec.gguf_file}' is a GGUF file, and reading one needs the gguf package: "
+            "pip install gguf (it comes with comm-cli; reinstall comm-cli if it is missing)"
+        ) from err
+    directory = Path(spec.name_or_path).expanduser()
+    if directory.is_dir() or not _looks_like_hub_id(spec.name_or_path):
+        path = directory / spec.gguf_file
+        if not path.is_file():
+            raise ModelLoadError(
+                f"{what}: the GGUF file '{path}' does not exist: set name_or_path to the directory that "
+                "holds the .gguf file and gguf_file to its name (or name_or_path to the file itself)"
+            )
+
+
+def _explain_gguf(spec: ModelSpec, what: str, err: Exception) -> ModelLoadError | None:
+    """A one-line error for a GGUF file transformers cannot read, or None when it is not that."""
+    message = str(err)
+    if "GGUF model with architecture" in message:
+        architecture = message.split("architecture", 1)[1].split("is not supported")[0].strip()
+        try:
+            from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+            # the mapping's "general" and "tokenizer" sections are not architectures
+            readable = ", ".join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}))
+        except ImportError:
+            readable = "see transformers' GGUF documentation"
+        return ModelLoadError(
+            f"{what} '{spec.gguf_file}' holds a '{architecture}' model, which transformers cannot read from GGUF "
+            f"(it reads {readable}): convert it to a safetensors directory or pick a model of a readable architecture"
+        )
+    if "GGUF magic" in message or "not a GGUF file" in message:
+        return ModelLoadError(
+            f"{what} '{spec.gguf_file}' in '{spec.name_or_path}' is not a GGUF file: point gguf_file at a .gguf "
+            "checkpoint, or leave it unset for a safetensors directory"
+        )
+    return None
+
+
 def _explain(spec: ModelSpec, what: str, err: Exception) -> ModelLoadError:
+    if spec.gguf_file:
+        explained = _explain_gguf(spec, what, err)
+        if explained is not None:
+            return explained
     name = spec.name_or_path
     looks_local = name.startswith((".", "/", "~")) or os.sep in name and not _looks_like_hub_id(name)
     if "trust_remote_code" in str(err):
@@ -59,27 +141,35 @@ def load_model_config(spec: ModelSpec, what: str = "model"):
     """The transformers config of a base model, without loading its weights."""
     from transformers import AutoConfig
 
+    check_gguf(spec, what)
     try:
         return AutoConfig.from_pretrained(
-            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            spec.name_or_path,
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            **_gguf_kwargs(spec),
         )
     except (OSError, ValueError, KeyError) as err:
         raise _explain(spec, what, err) from err
 
 
 def load_causal_lm(spec: ModelSpec, what: str = "model", device: str | torch.device | None = None):
-    """Load a *ForCausalLM model in eval mode with the spec's dtype."""
+    """Load a *ForCausalLM model in eval mode with the spec's dtype (a GGUF file is de-quantised
+    to it; ``dtype=auto`` keeps transformers' choice)."""
     from transformers import AutoModelForCausalLM
 
+    check_gguf(spec, what)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             spec.name_or_path,
             revision=spec.revision,
             dtype=torch_dtype(spec.dtype),
             trust_remote_code=spec.trust_remote_code,
+            **_gguf_model_kwargs(spec),
         )
     except (OSError, ValueError, KeyError) as err:
         raise _explain(spec, what, err) from err
+    _forget_gguf_origin(model)
     if device is not None:
         model.to(device)
     return model.eval()
@@ -137,14 +227,18 @@ def _declares_generic_tokenizer(name_or_path: str) -> bool:
 def load_tokenizer(name_or_path: str, spec: ModelSpec | None = None, what: str = "tokenizer"):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    # A GGUF spec reads its tokenizer from the same file as its weights (unless the spec names
+    # another tokenizer source).
+    gguf = _gguf_kwargs(spec) if spec is not None and name_or_path == spec.name_or_path else {}
     try:
-        if _declares_generic_tokenizer(name_or_path):
+        if not gguf and _declares_generic_tokenizer(name_or_path):
             tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
         else:
             tokenizer = AutoTokenizer.from_pretrained(
                 name_or_path,
                 revision=spec.revision if spec else None,
                 trust_remote_code=spec.trust_remote_code if spec else False,
+                **gguf,
             )
     except (OSError, ValueError) as err:
         raise ModelLoadError(

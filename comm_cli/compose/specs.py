@@ -32,10 +32,17 @@ class ModelSpec:
     block_path: str | None = None
     # Where its tokenizer comes from (a hub id or directory); None: name_or_path.
     tokenizer: str | None = None
+    # A GGUF checkpoint inside name_or_path (a directory or hub repo): transformers de-quantises it
+    # into an ordinary model of ``dtype`` (and reads the tokenizer from it). None: safetensors/bin.
+    gguf_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
             raise ConfigError("a model spec has an empty name_or_path: give a hub id or a local directory")
+        if self.gguf_file is None and self.name_or_path.endswith(".gguf"):
+            # name_or_path=/models/x.gguf means the file x.gguf in /models, as transformers names it.
+            directory, _, name = self.name_or_path.rpartition("/")
+            self.name_or_path, self.gguf_file = directory or ".", name
         if self.dtype not in DTYPES:
             raise ConfigError(f"model dtype '{self.dtype}' is not one of {list(DTYPES)}: pick one of them")
 

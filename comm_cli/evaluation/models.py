@@ -3,6 +3,7 @@ interface (teacher-forced logits and batched greedy/sampled generation)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ class EvalModel:
     model: nn.Module
     tokenizer_source: str
     checkpoint: str | None
+    # The base model's spec when the tokenizer comes from it (a GGUF file carries its own tokenizer).
+    tokenizer_spec: ModelSpec | None = None
 
     @property
     def device(self) -> torch.device:
@@ -90,7 +93,7 @@ class EvalModel:
 def _spec_with(spec: ModelSpec, dtype: str | None) -> ModelSpec:
     if dtype is None:
         return spec
-    return ModelSpec(spec.name_or_path, spec.revision, dtype, spec.trust_remote_code, spec.block_path)
+    return dataclasses.replace(spec, dtype=dtype)
 
 
 def load_eval_model(cfg, device: torch.device) -> EvalModel:
@@ -102,11 +105,13 @@ def load_eval_model(cfg, device: torch.device) -> EvalModel:
             raise ConfigError("model=calm needs checkpoint=<directory of a saved composition>")
         composition = read_composition_config(cfg.checkpoint)
         model = ComposedModel.from_pretrained(cfg.checkpoint, device=device)
-        return EvalModel(kind, model.eval(), composition.anchor.name_or_path, str(cfg.checkpoint))
+        return EvalModel(
+            kind, model.eval(), composition.anchor.name_or_path, str(cfg.checkpoint), composition.anchor
+        )
     if kind in ("anchor", "augment"):
         spec = _spec_with(cfg.anchor if kind == "anchor" else cfg.augment, cfg.dtype)
         model = load_causal_lm(spec, f"{kind} model", device)
-        return EvalModel(kind, model, spec.name_or_path, None)
+        return EvalModel(kind, model, spec.name_or_path, None, spec)
     if not cfg.checkpoint or not Path(cfg.checkpoint).is_dir():
         raise ModelLoadError(
             f"model={kind} needs checkpoint=<directory written by comm-train method={kind}>, got {cfg.checkpoint}"
@@ -121,7 +126,7 @@ def load_eval_model(cfg, device: torch.device) -> EvalModel:
             raise ModelLoadError(
                 f"cannot load the LoRA adapter in {cfg.checkpoint} ({err}): give an adapter/ directory"
             ) from err
-        return EvalModel(kind, model.eval(), cfg.anchor.name_or_path, str(cfg.checkpoint))
+        return EvalModel(kind, model.eval(), cfg.anchor.name_or_path, str(cfg.checkpoint), cfg.anchor)
     spec = ModelSpec(str(cfg.checkpoint), dtype=cfg.dtype or "float32")
     return EvalModel(
         kind, load_causal_lm(spec, "fine-tuned model", device), str(cfg.checkpoint), str(cfg.checkpoint)

@@ -106,7 +106,9 @@ def evaluate(cfg, raw_config: dict) -> list[dict]:
         torch.set_num_threads(cfg.num_threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_eval_model(cfg, device)
-    tokenizer = load_tokenizer(cfg.tokenizer or model.tokenizer_source)
+    tokenizer = load_tokenizer(
+        cfg.tokenizer or model.tokenizer_source, None if cfg.tokenizer else model.tokenizer_spec
+    )
     runner = TaskRunner(model, tokenizer, cfg.generation, cfg, cfg.seed)
 
     variants = [("", None)]

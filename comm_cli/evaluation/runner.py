@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import send_to_device
 
+from comm_cli.compose import ComposedModel
 from comm_cli.data.build import eval_rows
 from comm_cli.data.collate import CompletionCollator
 from comm_cli.data.tokenize import tokenize_split
@@ -23,8 +24,8 @@ from comm_cli.evaluation import metrics as M
 from comm_cli.evaluation.execution import Limits, run_programs
 from comm_cli.evaluation.models import EvalModel
 from comm_cli.evaluation.stopping import StopStrings, cut_at_stops
-from comm_cli.losses import loss_token_count, next_token_loss
-from comm_cli.training.models import augment_pad_ids
+from comm_cli.losses import loss_token_count
+from comm_cli.training.models import augment_pad_ids, batch_loss
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +122,11 @@ class TaskRunner:
         tokenized, _ = tokenize_split(rows, self.tokenizer, task.data, plan=plan)
         collate = CompletionCollator(self.tokenizer.pad_token_id, augment_pad_ids=augment_pad_ids(plan))
         total, tokens = 0.0, 0
-        batch_size = self.generation.batch_size
+        model, batch_size = self.model.model, self.generation.batch_size
         for start in range(0, len(tokenized), batch_size):
             batch = collate([tokenized[i] for i in range(start, min(start + batch_size, len(tokenized)))])
             batch = send_to_device(batch, self.model.device)
-            total += next_token_loss(self.model.logits(batch), batch["labels"], reduction="sum").item()
+            total += batch_loss(model, batch, composed=isinstance(model, ComposedModel)).item()
             tokens += int(loss_token_count(batch["labels"]))
         return total / max(tokens, 1)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 
 # Packages whose ``setup.prepare(cfg)`` runs before every comm-train / comm-eval job.
-EXPERIMENTS = ("kv_arithmetic",)
+EXPERIMENTS = ("kv_arithmetic", "real_facts")
 
 
 def prepare(cfg) -> None:

@@ -19,6 +19,8 @@ from comm_cli.compose.loading import load_causal_lm, load_model_config, load_tok
 from comm_cli.compose.masks import positions_from_mask
 from comm_cli.compose.specs import AugmentSpec
 from comm_cli.errors import ConfigError, ModelLoadError
+from comm_cli.losses import kept_logits_loss, loss_mask, loss_targets, next_token_loss
+from comm_cli.output_head import keeps_loss_logits
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +190,39 @@ def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor], composed: boo
         attention_mask=batch["attention_mask"],
         position_ids=positions_from_mask(batch["attention_mask"]),
     ).logits
+
+
+def batch_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], composed: bool, reduction: str = "sum"
+) -> torch.Tensor:
+    """Teacher-forced next-token loss of a collated batch over its loss-carrying labels (summed by
+    default, for normalising by the tokens of a whole global batch), without logits where no
+    loss is: a composition applies the anchor's head at the loss positions only, in chunks; a
+    plain causal LM (LoRA, full fine-tuning, a base model under evaluation) is asked for the
+    logits of those positions only (``logits_to_keep``), through its own forward, so wrappers
+    (DDP, FSDP, PEFT) and heads with extras work unchanged."""
+    labels = batch["labels"]
+    if composed:
+        return model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            augment_attention_mask=batch["augment_attention_mask"],
+            augment_states=batch.get("augment_states"),
+            anchor_ends=batch.get("anchor_ends"),
+            augment_inputs=batch.get("augment_inputs"),
+            labels=labels,
+            return_logits=False,
+            loss_reduction=reduction,
+        ).loss
+    if not keeps_loss_logits(model):
+        return next_token_loss(batch_logits(model, batch, composed=False), labels, reduction)
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=positions_from_mask(batch["attention_mask"]),
+        logits_to_keep=loss_mask(labels),
+    ).logits
+    return kept_logits_loss(logits, loss_targets(labels.to(logits.device)), reduction)
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -43,12 +43,12 @@ from comm_cli.errors import (
     OutputDirError,
     TrainingStopped,
 )
-from comm_cli.losses import loss_token_count, next_token_loss
+from comm_cli.losses import loss_token_count
 from comm_cli.training import checkpoint as ckpt
 from comm_cli.training import engines
 from comm_cli.training.models import (
     augment_pad_ids,
-    batch_logits,
+    batch_loss,
     build_model,
     load_tokenizer,
     read_plan,
@@ -510,8 +510,8 @@ class TrainRecipe:
     # ------------------------------------------------------------------ training
 
     def _summed_loss(self, batch) -> torch.Tensor:
-        logits = batch_logits(self.model, batch, composed=self.cfg.method.name == "calm")
-        return next_token_loss(logits, batch["labels"], reduction="sum")
+        """Summed token loss of a micro-batch, computed without logits where no loss is."""
+        return batch_loss(self.model, batch, composed=self.cfg.method.name == "calm", reduction="sum")
 
     def _micro_batches(self):
         """Yield (epoch, index in epoch, batch) forever, from the saved data position on."""

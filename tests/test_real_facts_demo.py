@@ -1,0 +1,67 @@
+"""`make demo-real` in its smoke variant, over a tiny GGUF anchor written in the test: every step
+runs (bases, six systems, evaluations, pictures) and the table has the documented format."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.gguf_writer import byte_level_vocabulary, tiny_llama, write_llama_gguf
+from tests.helpers import REPO, cli_env
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.mark.slow
+def test_smoke_demo_writes_the_table_and_the_pictures(tmp_path):
+    gguf = write_llama_gguf(tiny_llama(len(byte_level_vocabulary())), tmp_path / "tiny.gguf")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "real_facts_demo.py"),
+            "--experiment",
+            "real_facts_smoke",
+            "--output-root",
+            str(tmp_path / "demo"),
+            "--lora-lrs",
+            "1e-3,1e-2",
+            "--attention-examples",
+            "2",
+            f"facts.source={gguf}",
+        ],
+        cwd=tmp_path,
+        env=cli_env(cache_dir=tmp_path / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = json.loads((tmp_path / "demo" / "table.json").read_text())
+    assert [row["system"] for row in table["rows"]] == [
+        "Anchor alone",
+        "Specialist alone",
+        "LoRA on the anchor",
+        "CALM",
+        "CALM, generic augment",
+        "CALM, random augment",
+    ]
+    for row in table["rows"]:
+        assert set(row) == {
+            "system",
+            "one_hop_heldout",
+            "two_hop_heldout",
+            "anchor_skill",
+            "trainable_params",
+        }
+        assert all(0.0 <= row[c] <= 1.0 for c in ("one_hop_heldout", "two_hop_heldout", "anchor_skill"))
+    params = {row["system"]: row["trainable_params"] for row in table["rows"]}
+    assert params["Anchor alone"] == params["Specialist alone"] == 0
+    assert params["CALM"] == params["CALM, generic augment"] == params["CALM, random augment"] > 0
+    assert abs(params["LoRA on the anchor"] - params["CALM"]) / params["CALM"] < 0.5
+    assert table["lora_best"] in ("lora_lr1e-3", "lora_lr1e-2")
+    assert len(table["attention_pictures"]) == 1
+    assert all((tmp_path / "demo" / p).exists() for p in table["attention_pictures"])
+    assert "the anchor names the country of" in result.stdout
