@@ -107,3 +107,17 @@ def test_the_seed_summary_reports_mean_minimum_and_spread():
     assert [r["specialist_seed"] for r in summary["runs"]] == [0, 0, 1, 1]
     report = format_report(summary)
     assert "mean  93.0%, min  90.0%" in report and "max   8.0%" in report
+
+
+def test_a_specialist_that_did_not_learn_is_named():
+    """The encoder build that stayed at chance (12% lookup) must not pass silently into a table."""
+    from comm_cli.experiments.kv_arithmetic.demo import unlearnt_jobs
+
+    learnt = {"augment": {"accuracy": {"lookup_all_keys": 1.0}}, "anchor": {"accuracy": {"arithmetic": 0.98}}}
+    assert unlearnt_jobs(learnt) == []
+    chance = {
+        "augment": {"accuracy": {"lookup_all_keys": 0.12}},
+        "anchor": {"accuracy": {"arithmetic": 0.98}},
+    }
+    (line,) = unlearnt_jobs(chance)
+    assert "augment specialist did not learn" in line and "12.0%" in line

@@ -61,7 +61,30 @@ def prepare_specialists(overrides: list[str]) -> tuple[Path, dict]:
     cfg = compose_train_config(overrides)
     prepare(cfg)
     kv_dir = Path(cfg.kv.dir)
-    return kv_dir, json.loads((kv_dir / "manifest.json").read_text())
+    manifest = json.loads((kv_dir / "manifest.json").read_text())
+    for line in unlearnt_jobs(manifest):
+        print(f"[demo] warning: {line}", flush=True)
+    return kv_dir, manifest
+
+
+# Below these a specialist has not learnt its job and the composition has nothing to read (chance
+# is 10% for a value, and the anchor's arithmetic is near 98% when it learns).
+LEARNT = {("augment", "lookup_all_keys"): 0.9, ("anchor", "arithmetic"): 0.9}
+
+
+def unlearnt_jobs(manifest: dict) -> list[str]:
+    """One line per specialist whose own accuracy says it did not learn its job (so a table built
+    on it measures nothing): which model, the accuracy, and where its build is recorded."""
+    lines = []
+    for (model, metric), floor in LEARNT.items():
+        value = manifest.get(model, {}).get("accuracy", {}).get(metric)
+        if value is not None and value < floor:
+            lines.append(
+                f"the {model} specialist did not learn its job: {metric} {100 * value:.1f}% (below "
+                f"{100 * floor:.0f}%); the composition cannot do better than its controls. Its training "
+                f"losses are in the manifest; change its kv.specialists.{model} settings (lr, steps)"
+            )
+    return lines
 
 
 def random_augment(root: Path, kv_dir: Path, seed: int) -> Path:
