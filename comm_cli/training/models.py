@@ -27,16 +27,19 @@ logger = logging.getLogger(__name__)
 
 def composition_config(cfg) -> CompositionConfig:
     """The composition described by a train/eval config (``augment`` plus ``extra_augments``)."""
-    augments = [AugmentSpec(model=cfg.augment, mapping=cfg.mapping, tokens=_augment_tokens(cfg))]
-    augments += [
-        AugmentSpec(model=entry.model, mapping=entry.mapping, tokens=getattr(entry, "tokens", None) or "auto")
-        for entry in cfg.extra_augments
+    models = [(cfg.augment, cfg.mapping)] + [(entry.model, entry.mapping) for entry in cfg.extra_augments]
+    augments = [
+        AugmentSpec(model=model, mapping=mapping, tokens=tokens)
+        for (model, mapping), tokens in zip(models, requested_token_paths(cfg))
     ]
     return CompositionConfig(anchor=cfg.anchor, augments=augments, bridge=cfg.bridge, mask_mode=cfg.mask_mode)
 
 
-def _augment_tokens(cfg) -> str:
-    return getattr(cfg, "augment_tokens", None) or "auto"
+def requested_token_paths(cfg) -> list[str]:
+    """How each augmenting model is asked to read text ("auto" | "shared" | "aligned"):
+    ``augment_tokens`` for the first, ``extra_augments[i].tokens`` for the others."""
+    extra = [getattr(entry, "tokens", None) or "auto" for entry in cfg.extra_augments]
+    return [getattr(cfg, "augment_tokens", None) or "auto", *extra]
 
 
 def read_plan(cfg, anchor_tokenizer, sample_texts) -> ReadPlan | None:
@@ -59,10 +62,7 @@ def read_plan(cfg, anchor_tokenizer, sample_texts) -> ReadPlan | None:
                 "the augmenting model %s ships no tokenizer: it reads the anchor's token ids", source
             )
             tokenizers.append(None)
-    requested = [_augment_tokens(cfg)] + [
-        getattr(entry, "tokens", None) or "auto" for entry in cfg.extra_augments
-    ]
-    readers = plan_alignment(anchor_tokenizer, tokenizers, names, sample_texts, requested)
+    readers = plan_alignment(anchor_tokenizer, tokenizers, names, sample_texts, requested_token_paths(cfg))
     if not any(reader is not None for reader in readers):
         return None
     if cfg.mask_mode == "causal":
