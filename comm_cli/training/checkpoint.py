@@ -192,6 +192,8 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
         # Renamed first (atomic), then deleted: a kill during the deletion leaves a
         # ``.pruned-*`` directory the next start removes, never a step directory with files missing.
         doomed = path.with_name(f".pruned-{path.name}")
+        if doomed.exists():  # left by a kill, if this start did not remove it
+            shutil.rmtree(doomed, ignore_errors=True)
         os.replace(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 

@@ -74,7 +74,7 @@ LEARNT = {("augment", "lookup_all_keys"): 0.9, ("anchor", "arithmetic"): 0.9}
 
 def unlearnt_jobs(manifest: dict) -> list[str]:
     """One line per specialist whose own accuracy says it did not learn its job (so a table built
-    on it measures nothing): which model, the accuracy, and where its build is recorded."""
+    on it measures nothing): which model, the accuracy, and what to change."""
     lines = []
     for (model, metric), floor in LEARNT.items():
         value = manifest.get(model, {}).get("accuracy", {}).get(metric)
