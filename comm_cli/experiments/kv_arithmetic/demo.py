@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from comm_cli.experiments.jobs import Job, Runner, eval_job, train_job
+from comm_cli.experiments.shared import format_table
 
 SYSTEMS = ("m_A alone", "m_B alone", "LoRA on m_B", "CALM", "CALM, random m_A")
 COLUMNS = ("kv_arithmetic_heldout", "kv_substitution_heldout", "numeric_arithmetic", "key_lookup")
@@ -305,25 +306,6 @@ class KVTable:
         }
 
 
-def format_table(rows: list[dict]) -> str:
-    header = ["system", *COLUMNS, "trainable_params"]
-    lines = [header] + [
-        [
-            row["system"],
-            *("n/a" if row[c] is None else f"{100 * row[c]:.1f}%" for c in COLUMNS),
-            f"{row['trainable_params']:,}",
-        ]
-        for row in rows
-    ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = [
-        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-        for line in lines
-    ]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
-
-
 def add_common_arguments(parser: argparse.ArgumentParser, default_root: str) -> None:
     parser.add_argument("--output-root", default=default_root)
     parser.add_argument("--fast", action="store_true", help="tiny sizes, a few steps (checks the pipeline)")
@@ -413,7 +395,7 @@ def main() -> None:
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     rows = result["rows"]
     print()
-    print(format_table(rows))
+    print(format_table(rows, COLUMNS))
     off = result["calm_bridges_off"].get("numeric_arithmetic")
     m_b = next(r for r in rows if r["system"] == "m_B alone")["numeric_arithmetic"]
     print(

@@ -44,6 +44,7 @@ from comm_cli.data.char_tokenizer import build_char_tokenizer
 from comm_cli.errors import OutputDirError
 from comm_cli.experiments.kv_arithmetic import tasks as kv
 from comm_cli.experiments.kv_arithmetic.world import KVWorld
+from comm_cli.experiments.shared import derive_seed
 from comm_cli.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -598,11 +599,6 @@ def _model_manifest(name, model, s, seed, train_seconds, eval_seconds, losses, a
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
     }
-
-
-def derive_seed(seed: int, name: str) -> int:
-    """A separate, stable seed per component, so changing one part does not shift another's draws."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "big") % (2**31)
 
 
 # ---------------------------------------------------------------------------------------------

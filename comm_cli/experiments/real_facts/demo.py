@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from comm_cli.experiments.jobs import Runner, eval_job, train_job
+from comm_cli.experiments.shared import format_table
 
 SYSTEMS = (
     "Anchor alone",
@@ -62,25 +63,6 @@ def exact_matches(root: Path, name: str, variant: str | None = None) -> dict[str
 
 def summary(root: Path, name: str) -> dict:
     return json.loads((root / name / "train_summary.json").read_text())
-
-
-def format_table(rows: list[dict]) -> str:
-    header = ["system", "one_hop_heldout", "two_hop_heldout", "anchor_skill", "trainable_params"]
-    lines = [header] + [
-        [
-            row["system"],
-            *(f"{100 * row[c]:.1f}%" for c in header[1:4]),
-            f"{row['trainable_params']:,}",
-        ]
-        for row in rows
-    ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = [
-        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
-        for line in lines
-    ]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     path = root / "table.json"
     atomic_write_text(path, json.dumps(table, indent=2) + "\n")
     print()
-    print(format_table(rows))
+    print(format_table(rows, ["one_hop_heldout", "two_hop_heldout", "anchor_skill"]))
     off = table["calm_bridges_off_anchor_skill"]
     print(
         f"\nthe anchor's own city -> country skill: bridges off {100 * off:.1f}%, on {100 * rows[3]['anchor_skill']:.1f}%"

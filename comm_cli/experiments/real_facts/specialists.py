@@ -44,6 +44,7 @@ from comm_cli.errors import DataError, OutputDirError
 from comm_cli.experiments.real_facts import tasks
 from comm_cli.experiments.real_facts.generation import greedy_answers
 from comm_cli.experiments.real_facts.world import CITIES, COUNTRY_OF, FactsWorld
+from comm_cli.experiments.shared import derive_seed
 from comm_cli.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -365,11 +366,6 @@ def _pad(rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mask[i, : len(row)] = 1
         labels[i, : len(row)] = torch.tensor(row_labels)
     return ids, mask, labels
-
-
-def derive_seed(seed: int, name: str) -> int:
-    """A separate, stable seed per component."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "big") % (2**31)
 
 
 # ---------------------------------------------------------------------------------------------
