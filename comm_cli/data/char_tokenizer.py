@@ -33,15 +33,23 @@ def build_char_tokenizer():
     ``decode(encode(s), skip_special_tokens=True) == s`` for any string over ``CHARACTERS``
     (spaces included: ``clean_up_tokenization_spaces`` is off). Other characters become ``<unk>``.
     """
-    from tokenizers import Tokenizer, decoders, models, processors
+    from tokenizers import Tokenizer, models
+
+    backend = Tokenizer(models.BPE(vocab=char_vocab(), merges=[], unk_token=UNK))
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return wrap_backend(backend)
+
+
+def wrap_backend(backend):
+    """A ``tokenizers`` backend over this vocabulary's special tokens, made the tokenizer comm's
+    synthetic experiments use: pieces joined as they are when decoding, ``<bos>`` before every
+    text, right padding, spaces kept."""
+    from tokenizers import decoders, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = char_vocab()
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
-    backend.add_special_tokens(list(SPECIAL_TOKENS))
     backend.decoder = decoders.Fuse()
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, backend.token_to_id(BOS))]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,

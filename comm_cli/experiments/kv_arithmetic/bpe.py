@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from comm_cli.data.char_tokenizer import BOS, CHARACTERS, EOS, PAD, SPECIAL_TOKENS, UNK, char_vocab
+from comm_cli.data.char_tokenizer import CHARACTERS, SPECIAL_TOKENS, UNK, char_vocab, wrap_backend
 from comm_cli.experiments.kv_arithmetic import tasks as kv
 
 # Letter runs are pre-tokens (BPE merges letters within them); every other character is its own.
@@ -34,12 +34,10 @@ def anchor_texts(seed: int, n: int, settings) -> list[str]:
 def build_bpe_tokenizer(texts: list[str], vocab_size: int):
     """A ``PreTrainedTokenizerFast`` BPE over ``texts``: the characters' ids first (as in the
     character tokenizer), then merges of letters up to ``vocab_size`` tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE(unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(LETTER_RUNS), behavior="isolated")
-    backend.decoder = decoders.Fuse()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
@@ -47,17 +45,5 @@ def build_bpe_tokenizer(texts: list[str], vocab_size: int):
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer)
-    bos = backend.token_to_id(BOS)
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos)]
-    )
     assert all(backend.token_to_id(t) == i for t, i in char_vocab().items() if t in SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=PAD,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        clean_up_tokenization_spaces=False,
-        padding_side="right",
-    )
+    return wrap_backend(backend)
