@@ -105,6 +105,20 @@ class Bridge(nn.Module):
             keys = apply_rotary(keys, cos, sin)
         return keys, values
 
+    def queries(self, anchor_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The bridge's queries (batch, heads, queries, head_dim) from the anchor states: the
+        optional norm, the projection and, with rotary positions, the rotation at ``positions``."""
+        x = anchor_states.to(device=self.device, dtype=self.dtype)
+        if self.query_norm is not None:
+            x = self.query_norm(x)
+        queries = self._heads(self.q_proj(x))
+        if self.rotary:
+            cos, sin = rotary_cos_sin(
+                positions.to(self.device), self.head_dim, self.rope_theta, queries.dtype
+            )
+            queries = apply_rotary(queries, cos, sin)
+        return queries
+
     def forward(
         self,
         anchor_states: torch.Tensor,
@@ -120,15 +134,7 @@ class Bridge(nn.Module):
         ``attn_mask`` is boolean (batch, 1, queries, keys), True where a query may attend;
         ``query_valid`` (batch, queries) zeroes queries that have no key to attend to.
         """
-        x = anchor_states.to(device=self.device, dtype=self.dtype)
-        if self.query_norm is not None:
-            x = self.query_norm(x)
-        queries = self._heads(self.q_proj(x))
-        if self.rotary:
-            cos, sin = rotary_cos_sin(
-                positions.to(self.device), self.head_dim, self.rope_theta, queries.dtype
-            )
-            queries = apply_rotary(queries, cos, sin)
+        queries = self.queries(anchor_states, positions)
         keys, values = keys.to(queries.dtype), values.to(queries.dtype)
         out = F.scaled_dot_product_attention(
             queries,

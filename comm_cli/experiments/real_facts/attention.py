@@ -17,20 +17,11 @@ from pathlib import Path
 import torch
 
 from comm_cli.compose import ComposedModel
-from comm_cli.compose.rotary import apply_rotary, rotary_cos_sin
 
 
 def bridge_attention(bridge, anchor_states, keys, positions, attn_mask=None, is_causal=False) -> torch.Tensor:
     """Attention probabilities (batch, heads, queries, keys) of one bridge call, from its inputs."""
-    x = anchor_states.to(device=bridge.device, dtype=bridge.dtype)
-    if bridge.query_norm is not None:
-        x = bridge.query_norm(x)
-    queries = bridge._heads(bridge.q_proj(x))
-    if bridge.rotary:
-        cos, sin = rotary_cos_sin(
-            positions.to(bridge.device), bridge.head_dim, bridge.rope_theta, queries.dtype
-        )
-        queries = apply_rotary(queries, cos, sin)
+    queries = bridge.queries(anchor_states, positions)
     scores = queries @ keys.to(queries.dtype).transpose(-1, -2) / math.sqrt(bridge.head_dim)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
