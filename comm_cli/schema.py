@@ -53,6 +53,9 @@ class LoraConfig:
     dropout: float = 0.0
     # None: PEFT's default for the architecture (often q_proj, v_proj); [all-linear]: every linear layer
     target_modules: list[str] | None = None
+    # None: every decoder layer; else the indices of the layers LoRA adapts (PEFT's
+    # layers_to_transform), e.g. the top layers, where a composition's bridges write.
+    layers: list[int] | None = None
 
 
 @dataclass

@@ -256,6 +256,38 @@ def test_lora_baseline_matches_the_bridge_budget_and_saves_a_peft_adapter(ws, tm
     assert model.peft_config["default"].r == config["r"]
 
 
+@pytest.mark.parametrize("targets, modules", [("null", {"q_proj", "v_proj"}), ("[all-linear]", None)])
+def test_lora_on_chosen_layers_adapts_only_those_and_still_matches_the_budget(ws, tmp_path, targets, modules):
+    assert run_train(base_args(ws, tmp_path, "calm") + ["trainer.max_steps=1"]) == 0
+    calm_params = sum(t.numel() for t in final_bridges(tmp_path / "calm").values())
+    args = [
+        "method=lora",
+        "method.lora.layers=[2,3]",
+        f"method.lora.target_modules={targets}",
+        "trainer.max_steps=2",
+    ]
+    assert run_train(base_args(ws, tmp_path, "lora") + args) == 0
+    adapter = tmp_path / "lora" / "adapter"
+    weights = trainable_weights(adapter / "adapter_model.safetensors")
+    layers = {int(name.split("layers.")[1].split(".")[0]) for name in weights}
+    assert layers == {2, 3}
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in weights}
+    assert adapted == (
+        modules or {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    )
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    per_rank = sum(t.numel() for t in weights.values()) / config["r"]
+    assert abs(sum(t.numel() for t in weights.values()) - calm_params) <= per_rank / 2 + 1
+
+
+def test_lora_on_a_layer_the_anchor_lacks_is_one_clear_error(ws, tmp_path, capsys):
+    args = base_args(ws, tmp_path, "lora") + ["method=lora", "method.lora.layers=[3,9]"]
+    assert run_train(args) != 0
+    err = capsys.readouterr().err
+    assert "method.lora.layers=[3, 9]: the anchor has decoder layers 0..3" in err
+    assert not (tmp_path / "lora" / "adapter").exists()
+
+
 def test_full_finetuning_baseline(ws, tmp_path):
     assert run_train(base_args(ws, tmp_path, "full") + ["method=full", "trainer.max_steps=2"]) == 0
     from transformers import AutoModelForCausalLM

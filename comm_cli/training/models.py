@@ -13,7 +13,7 @@ from torch import nn
 
 from comm_cli.compose import ComposedModel, CompositionConfig, check_config
 from comm_cli.compose.alignment import ReadPlan, TokenReader, check_settle_rule, plan_alignment
-from comm_cli.compose.blocks import hidden_size
+from comm_cli.compose.blocks import hidden_size, num_layers
 from comm_cli.compose.bridge import bridge_parameter_count
 from comm_cli.compose.loading import load_causal_lm, load_model_config, load_tokenizer  # noqa: F401
 from comm_cli.compose.masks import positions_from_mask
@@ -121,19 +121,62 @@ def _lora_targets(names):
     return "all-linear" if names == ["all-linear"] else names
 
 
+def _lora_target_names(anchor: nn.Module, targets) -> list[str]:
+    """``targets`` as module names: PEFT's default for the architecture (None) or every linear
+    layer inside the decoder layers ("all-linear"), as PEFT itself resolves them."""
+    if isinstance(targets, list):
+        return targets
+    if targets == "all-linear":
+        return sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, m in anchor.named_modules()
+                if isinstance(m, nn.Linear) and ".layers." in f".{name}"
+            }
+        )
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    names = defaults.get(anchor.config.model_type)
+    if not names:
+        raise ConfigError(
+            f"method.lora.layers needs method.lora.target_modules for model type '{anchor.config.model_type}' "
+            "(PEFT has no default for it): e.g. method.lora.target_modules=[all-linear]"
+        )
+    return list(names)
+
+
+def _lora_layers(layers, count: int) -> list[int] | None:
+    """``method.lora.layers`` checked against the anchor's ``count`` decoder layers."""
+    if layers is None:
+        return None
+    layers = [int(i) for i in layers]
+    bad = [i for i in layers if not 0 <= i < count]
+    if not layers or bad:
+        raise ConfigError(
+            f"method.lora.layers={layers}: the anchor has decoder layers 0..{count - 1}; "
+            "list indices in that range (or null for every layer)"
+        )
+    return sorted(set(layers))
+
+
 def build_lora(cfg, device=None) -> nn.Module:
     """PEFT LoRA on the anchor; rank matched to the CALM bridges' parameter count unless set."""
     from peft import LoraConfig, get_peft_model
 
     anchor = load_causal_lm(cfg.anchor, "anchor model", device)
     lora = cfg.method.lora
+    layers = _lora_layers(lora.layers, num_layers(anchor.config))
+    targets = _lora_targets(lora.target_modules)
+    if layers is not None:  # PEFT takes layers_to_transform with a list of module names only
+        targets = _lora_target_names(anchor, targets)
 
     def make(r: int):
         return LoraConfig(
             r=r,
             lora_alpha=lora.alpha if lora.alpha is not None else 2 * r,
             lora_dropout=lora.dropout,
-            target_modules=_lora_targets(lora.target_modules),
+            target_modules=targets,
+            layers_to_transform=layers,
             task_type="CAUSAL_LM",
         )
 
