@@ -65,3 +65,28 @@ def test_smoke_demo_writes_the_table_and_the_pictures(tmp_path):
     assert len(table["attention_pictures"]) == 1
     assert all((tmp_path / "demo" / p).exists() for p in table["attention_pictures"])
     assert "the anchor names the country of" in result.stdout
+
+
+def test_the_settings_sweep_runs_and_writes_every_measurement(tmp_path):
+    """scripts/real_facts_sweep.py (how the demo's setting was chosen) on a tiny GGUF anchor."""
+    write_llama_gguf(tiny_llama(len(byte_level_vocabulary()), layers=5), tmp_path / "tiny.gguf")
+    out = tmp_path / "sweep"
+    args = [
+        "--gguf-dir", str(tmp_path), "--gguf-file", "tiny.gguf", "--work", str(tmp_path / "work"),
+        "--out", str(out), "--device", "cpu", "--only", "W1_top_150,W1_pair_1500", "--scale", "0.01",
+        "--max-eval", "4", "--pairs", "[[3,4]]", "--no-filter-cities",
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "real_facts_sweep.py"), *args],
+        cwd=tmp_path, env=cli_env(cache_dir=tmp_path / "cache"), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    events = [(e["event"], e.get("name")) for e in lines]
+    assert ("error", "W1_top_150") not in events and ("error", "W1_pair_1500") not in events
+    finals = {e["name"]: e for e in lines if e["event"] == "final"}
+    assert set(finals) == {"W1_top_150", "W1_pair_1500"}
+    for final in finals.values():
+        assert 0.0 <= final["one_hop_heldout"] <= 1.0 and 0.0 <= final["two_hop_heldout"] <= 1.0
+        assert final["setting"]["pairs"] == [[3, 4]]
+    assert [e["world"] for e in lines if e["event"] == "specialist"] == ["W1"]  # built once, reused
