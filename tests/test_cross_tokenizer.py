@@ -268,11 +268,33 @@ def _bert(vocab: int, seed: int = 3):
     return tf.BertForMaskedLM(config).eval()
 
 
-def test_an_encoder_augment_trains_and_generates_in_prompt_mode():
+def _modernbert(vocab: int, seed: int = 3):
+    """Pre-LN with rotary positions (the key-value experiment's encoder augment)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.ModernBertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+        cls_token_id=None,
+        sep_token_id=None,
+    )
+    return tf.ModernBertForMaskedLM(config).eval()
+
+
+@pytest.mark.parametrize("encoder", [_bert, _modernbert], ids=["bert", "modernbert"])
+def test_an_encoder_augment_trains_and_generates_in_prompt_mode(encoder):
     anchor_tok, bert_tok = zoo.byte_bpe(), zoo.wordpiece()
     anchor = tiny_model("llama", width=48, layers=4, vocab=len(anchor_tok))
     model = ComposedModel.from_models(
-        anchor, _bert(len(bert_tok)), MappingSpec(every=1), BridgeConfig(num_heads=4), mask_mode="prompt"
+        anchor, encoder(len(bert_tok)), MappingSpec(every=1), BridgeConfig(num_heads=4), mask_mode="prompt"
     )
     model.use_tokenizers(anchor_tok, [bert_tok])
     assert model.augment_readers[0].prefix_ids == [bert_tok.cls_token_id]
@@ -287,6 +309,15 @@ def test_an_encoder_augment_trains_and_generates_in_prompt_mode():
     )
     model.eval()
     prompts = ["the quick brown", "hello"]
+    with torch.no_grad():  # bridges that write something, so the encoder's states show in the logits
+        for p in model.bridge_parameters():
+            p.normal_(0.0, 0.2)
+        # The short prompt's logits on its real tokens: the same alone, left- and right-padded.
+        alone = model(**batch(model, prompts[1:])).logits[0]
+        right = model(**batch(model, prompts)).logits[1, : alone.shape[0]]
+        left = model(**batch(model, prompts, side="left")).logits[1, -alone.shape[0] :]
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=0)
     p = batch(model, prompts, side="left")
     kwargs = dict(max_new_tokens=5, eos_token_id=None, return_dict=True, output_scores=True, prompts=prompts)
     cached = model.generate(p["input_ids"], p["attention_mask"], **kwargs)

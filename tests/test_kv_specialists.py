@@ -143,6 +143,37 @@ def test_changed_settings_rebuild(copy_of):
     assert json.loads((root / "anchor" / "manifest.json").read_text())["steps"] == settings.anchor.steps
 
 
+def test_the_default_causal_hashes_stay_those_of_the_published_tables():
+    """The README's tables and the cached builds are under these hashes: a recipe change for one
+    kind of build must not rebuild the others."""
+    assert ks.SpecialistSettings().hash() == "daf63f2833f78ce9"
+    assert ks.SpecialistSettings(anchor_tokenizer="bpe").hash() == "eaffa2a31c8e15ff"
+
+
+def test_the_encoder_recipe_has_its_own_version(monkeypatch):
+    encoder = tiny(0)
+    encoder.augment.kind = "encoder"
+    before = encoder.hash(), tiny(0).hash()
+    monkeypatch.setattr(ks, "ENCODER_RECIPE_VERSION", ks.ENCODER_RECIPE_VERSION + 1)
+    assert encoder.hash() != before[0] and tiny(0).hash() == before[1]
+
+
+def test_the_encoder_augment_builds_as_a_modernbert_composable_in_prompt_mode(tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    from comm_cli.compose.blocks import is_encoder
+
+    settings = tiny(0)
+    settings.augment.kind = "encoder"
+    settings.processes = 1
+    paths = ks.build_specialists(tmp_path / "encoder", settings)
+    model = AutoModelForMaskedLM.from_pretrained(paths.augment)
+    assert model.config.model_type == "modernbert" and is_encoder(model.config)
+    assert model.config.initializer_range == settings.augment.width**-0.5
+    assert paths.manifest["encoder_recipe_version"] == ks.ENCODER_RECIPE_VERSION
+    assert set(paths.manifest["augment"]["accuracy"]) == {"lookup_all_keys", "lookup_in_heldout_expression"}
+
+
 @pytest.mark.parametrize(
     "damage",
     ["manifest.json", "anchor/model.safetensors", "augment/tokenizer.json", "world.json", "incomplete-flag"],
