@@ -93,6 +93,7 @@ class Sweep:
     def __init__(self, args):
         self.args = args
         self.device = torch.device(args.device)
+        self.dtype = getattr(torch, args.dtype)
         self.start = time.time()
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +134,16 @@ class Sweep:
 
     # ------------------------------------------------------------------ bases
     def world_and_specialist(self, name: str):
+        if name not in self.bases and self.args.facts_dir:  # a demo build: its world and specialist
+            from transformers import AutoModelForCausalLM
+
+            world = FactsWorld.load(Path(self.args.facts_dir) / "world.json")
+            specialist = AutoModelForCausalLM.from_pretrained(Path(self.args.facts_dir) / "specialist")
+            specialist = specialist.to(self.device, self.dtype).eval()
+            self.log(event="specialist", world=str(self.args.facts_dir), people=len(world.people),
+                     composition=len(world.composition), heldout=len(world.heldout),
+                     specialist_alone_heldout_tf=self.specialist_accuracy(specialist, world))  # fmt: skip
+            self.bases[name] = (world, specialist)
         if name not in self.bases:
             size = WORLDS[name]
             cities = sorted(
@@ -147,6 +158,7 @@ class Sweep:
             )
             started = time.time()
             specialist, loss = self.train_specialist(world, self.scaled(size.specialist_steps))
+            specialist = specialist.to(self.dtype)
             self.log(
                 event="specialist",
                 world=name,
@@ -385,6 +397,10 @@ def main(argv=None):
         "--pairs", default=None, help='JSON [[augment, anchor], ...] for every setting (e.g. "[[3,20]]")'
     )
     parser.add_argument("--no-filter-cities", dest="filter_cities", action="store_false")
+    parser.add_argument("--facts-dir", default=None, help="use this demo build's world and specialist")
+    parser.add_argument(
+        "--dtype", default="float32", help="of the frozen anchor and specialist (bfloat16: CPU speed)"
+    )
     args = parser.parse_args(argv)
     if args.work is None:
         import os

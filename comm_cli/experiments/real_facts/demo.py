@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--output-root", default="outputs/real_facts")
     parser.add_argument("--calm-seeds", default="0", help="training seeds of CALM (the row is their mean)")
-    parser.add_argument("--lora-lrs", default="1e-4,3e-4,1e-3", help="LoRA learning-rate sweep")
+    parser.add_argument("--lora-lrs", default="3e-4,1e-3", help="LoRA learning-rate sweep")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--logger", default="none", help="tracker of every run (wandb, tensorboard, none)")
