@@ -28,13 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from comm_cli.compose import BridgeConfig, ComposedModel, MappingSpec
 from comm_cli.compose.specs import ModelSpec
 from comm_cli.experiments.real_facts import tasks
 from comm_cli.experiments.real_facts.anchor import ensure_anchor
-from comm_cli.experiments.real_facts.specialists import _line, _pad, measure_city_skill, truncated_copy
+from comm_cli.experiments.real_facts.specialists import (
+    FactsSettings,
+    SpecialistSettings,
+    measure_city_skill,
+    train_specialist,
+    truncated_copy,
+)
 from comm_cli.experiments.real_facts.world import CITIES, COUNTRY_OF, FactsWorld
 from comm_cli.experiments.shared import derive_seed
 from comm_cli.losses import IGNORE_INDEX
@@ -172,44 +177,13 @@ class Sweep:
             self.bases[name] = (world, specialist)
         return self.bases[name]
 
-    def train_specialist(self, world, steps, lr=5e-4, batch_size=16, per_line=4, warmup=16):
-        """The product's recipe (specialists.train_specialist) on this sweep's device."""
+    def train_specialist(self, world, steps):
+        """The demo's recipe (specialists.train_specialist) on this sweep's device, seed 1 (what
+        the README's sweep ran with; the demo's build derives its own)."""
+        settings = FactsSettings(specialist=SpecialistSettings(steps=steps))
         model = copy.deepcopy(self.generic).to(self.device)
-        encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-        statements = [
-            (encode(e["prompt"]), encode(" " + e["prompt"]), encode(e["completion"]))
-            for e in tasks.examples("statement", world, world.people, paraphrases=True)
-        ]
-        seed = 1  # what the README's sweep ran with (the demo's build derives its own)
-        torch.manual_seed(seed)
-        rng = random.Random(seed)
-        model.get_input_embeddings().requires_grad_(False)
-        model.get_output_embeddings().requires_grad_(False)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(steps, warmup))
-        model.train()
-        order: list[int] = []
-        for _ in range(steps):
-            batch = []
-            for _ in range(batch_size):
-                count = rng.randint(1, per_line)
-                if len(order) < count:
-                    order += rng.sample(range(len(statements)), len(statements))
-                batch.append(_line([statements[i] for i in order[:count]]))
-                del order[:count]
-            ids, mask, labels = (t.to(self.device) for t in _pad(batch, self.pad))
-            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            targets = labels[:, 1:]
-            where = targets != IGNORE_INDEX
-            loss = F.cross_entropy(model.lm_head(hidden[:, :-1][where]).float(), targets[where])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        model.eval()
-        return model, loss.item()
+        model, info = train_specialist(model, self.tokenizer, world, settings, device=self.device, seed=1)
+        return model, info["losses"][-1]
 
     # ------------------------------------------------------------------ data and scores
     def encode(self, example):

@@ -286,11 +286,16 @@ def random_copy(model, seed: int):
     return AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=torch.float32).eval()
 
 
-def train_specialist(model, tokenizer, world: FactsWorld, settings: FactsSettings):
+def train_specialist(
+    model, tokenizer, world: FactsWorld, settings: FactsSettings, device=None, seed: int | None = None
+):
     """Fine-tune on every person's statements in every phrasing; loss (and logits) on the city
-    tokens only. AdamW, linear warmup, cosine decay to zero. Returns (model, what happened)."""
+    tokens only. AdamW, linear warmup, cosine decay to zero. Returns (model, what happened).
+
+    ``device``: where the batches go (the model must be there already; default: the CPU).
+    ``seed``: the training's seed (default: derived from ``settings.seed``)."""
     s = settings.specialist
-    seed = derive_seed(settings.seed, "specialist")
+    seed = derive_seed(settings.seed, "specialist") if seed is None else seed
     statements = []
     for example in tasks.examples("statement", world, world.people, paraphrases=True):
         prompt = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
@@ -322,7 +327,7 @@ def train_specialist(model, tokenizer, world: FactsWorld, settings: FactsSetting
                 order += rng.sample(range(len(statements)), len(statements))
             batch.append(_line([statements[i] for i in order[:count]]))
             del order[:count]
-        ids, mask, labels = _pad(batch, tokenizer.pad_token_id)
+        ids, mask, labels = (t.to(device) for t in _pad(batch, tokenizer.pad_token_id))
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         targets = labels[:, 1:]
         where = targets != IGNORE_INDEX
