@@ -253,48 +253,42 @@ def test_the_same_tokenizer_takes_the_shared_path():
     assert model.config.augments[0].tokens == "shared"
 
 
+def _encoder(kind: str, vocab: int, seed: int = 3):
+    """A tiny masked-LM encoder: "bert" (post-LN, absolute positions) or "modernbert" (pre-LN with
+    rotary positions, the key-value experiment's encoder augment)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    shape = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    if kind == "bert":
+        return tf.BertForMaskedLM(tf.BertConfig(**shape)).eval()
+    specials = dict(
+        pad_token_id=0, bos_token_id=None, eos_token_id=None, cls_token_id=None, sep_token_id=None
+    )
+    return tf.ModernBertForMaskedLM(tf.ModernBertConfig(**shape, **specials)).eval()
+
+
 def _bert(vocab: int, seed: int = 3):
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    config = tf.BertConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    return tf.BertForMaskedLM(config).eval()
+    return _encoder("bert", vocab, seed)
 
 
-def _modernbert(vocab: int, seed: int = 3):
-    """Pre-LN with rotary positions (the key-value experiment's encoder augment)."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    config = tf.ModernBertConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-        cls_token_id=None,
-        sep_token_id=None,
-    )
-    return tf.ModernBertForMaskedLM(config).eval()
-
-
-@pytest.mark.parametrize("encoder", [_bert, _modernbert], ids=["bert", "modernbert"])
-def test_an_encoder_augment_trains_and_generates_in_prompt_mode(encoder):
+@pytest.mark.parametrize("kind", ["bert", "modernbert"])
+def test_an_encoder_augment_trains_and_generates_in_prompt_mode(kind):
     anchor_tok, bert_tok = zoo.byte_bpe(), zoo.wordpiece()
     anchor = tiny_model("llama", width=48, layers=4, vocab=len(anchor_tok))
     model = ComposedModel.from_models(
-        anchor, encoder(len(bert_tok)), MappingSpec(every=1), BridgeConfig(num_heads=4), mask_mode="prompt"
+        anchor,
+        _encoder(kind, len(bert_tok)),
+        MappingSpec(every=1),
+        BridgeConfig(num_heads=4),
+        mask_mode="prompt",
     )
     model.use_tokenizers(anchor_tok, [bert_tok])
     assert model.augment_readers[0].prefix_ids == [bert_tok.cls_token_id]
