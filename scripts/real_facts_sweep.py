@@ -72,6 +72,7 @@ class Setting:
     norm: bool = True
     mix: dict = field(default_factory=lambda: dict(MIX))
     batch_size: int = 16
+    specialist_seed: int = 1  # the specialist's training seed (README: it decides readability)
 
 
 WORLDS = {
@@ -91,6 +92,9 @@ SETTINGS = [
     Setting("W2_spread_1500", "W2", pairs=SPREAD),
     Setting("W1_top_1500_lr3e-4", "W1", lr=3e-4),
     Setting("W1_top_1500_nonorm", "W1", norm=False),
+    Setting("W3_top_600_nonorm", "W3", steps=600, norm=False),
+    Setting("W3_top_600_lr3e-3", "W3", steps=600, lr=3e-3),
+    Setting("W3_top_600_nonorm_lr3e-3", "W3", steps=600, lr=3e-3, norm=False),
 ]
 
 
@@ -138,8 +142,9 @@ class Sweep:
         )
 
     # ------------------------------------------------------------------ bases
-    def world_and_specialist(self, name: str):
-        if name not in self.bases and self.args.facts_dir:  # a demo build: its world and specialist
+    def world_and_specialist(self, name: str, seed: int = 1):
+        key = f"{name}_seed{seed}"
+        if key not in self.bases and self.args.facts_dir:  # a demo build: its world and specialist
             from transformers import AutoModelForCausalLM
 
             world = FactsWorld.load(Path(self.args.facts_dir) / "world.json")
@@ -148,8 +153,8 @@ class Sweep:
             self.log(event="specialist", world=str(self.args.facts_dir), people=len(world.people),
                      composition=len(world.composition), heldout=len(world.heldout),
                      specialist_alone_heldout_tf=self.specialist_accuracy(specialist, world))  # fmt: skip
-            self.bases[name] = (world, specialist)
-        if name not in self.bases:
+            self.bases[key] = (world, specialist)
+        if key not in self.bases:
             size = WORLDS[name]
             cities = sorted(
                 random.Random(derive_seed(0, "cities")).sample(self.cities, min(24, len(self.cities)))
@@ -162,28 +167,81 @@ class Sweep:
                 validation_fraction=0.1,
             )
             started = time.time()
-            specialist, loss = self.train_specialist(world, self.scaled(size.specialist_steps))
+            specialist, loss = self.train_specialist(world, self.scaled(size.specialist_steps), seed)
             specialist = specialist.to(self.dtype)
             self.log(
                 event="specialist",
                 world=name,
+                seed=seed,
                 people=len(world.people),
                 composition=len(world.composition),
                 heldout=len(world.heldout),
                 final_loss=round(loss, 4),
                 seconds=round(time.time() - started, 1),
                 specialist_alone_heldout_tf=self.specialist_accuracy(specialist, world),
+                **self.probe(specialist, world),
             )
-            self.bases[name] = (world, specialist)
-        return self.bases[name]
+            self.bases[key] = (world, specialist)
+        return self.bases[key]
 
-    def train_specialist(self, world, steps):
-        """The demo's recipe (specialists.train_specialist) on this sweep's device, seed 1 (what
-        the README's sweep ran with; the demo's build derives its own)."""
+    def train_specialist(self, world, steps, seed: int):
+        """The demo's recipe (specialists.train_specialist) on this sweep's device with the given
+        training seed (the README's first sweep ran seed 1; the demo's build derives its own)."""
         settings = FactsSettings(specialist=SpecialistSettings(steps=steps))
         model = copy.deepcopy(self.generic).to(self.device)
-        model, info = train_specialist(model, self.tokenizer, world, settings, device=self.device, seed=1)
+        model, info = train_specialist(model, self.tokenizer, world, settings, device=self.device, seed=seed)
         return model, info["losses"][-1]
+
+    @torch.no_grad()
+    def answer_states(self, specialist, world, people, layer: int):
+        """The specialist's layer-``layer`` output at the position that predicts the city of each
+        person's chat-formatted one-hop answer (what a bridge at that position can read)."""
+        captured = []
+        hook = specialist.model.layers[layer].register_forward_hook(
+            lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
+        items = [self.answer_target(tasks.one_hop(world, p), world.home[p]) for p in people]
+        states = []
+        try:
+            for i in range(0, len(items), 64):
+                chunk = items[i : i + 64]
+                ids, mask, _ = self.collate([(s, []) for s, _, _ in chunk])
+                captured.clear()
+                specialist(input_ids=ids, attention_mask=mask)
+                rows = torch.arange(len(chunk), device=self.device)
+                states.append(captured[-1][rows, torch.tensor([p for _, p, _ in chunk], device=self.device)])
+        finally:
+            hook.remove()
+        return torch.cat(states).float()
+
+    def probe(self, specialist, world, layer: int = 3) -> dict:
+        """How readable the city is in the state a bridge reads: a linear probe (softmax
+        regression) fitted on composition people, scored on held-out people; and how much one
+        dimension dominates that state (largest mean |value| over the root mean square)."""
+        train = self.answer_states(specialist, world, world.composition[:1200], layer)
+        test = self.answer_states(specialist, world, world.heldout[:240], layer)
+        cities = sorted(set(world.home.values()))
+        label = lambda people: torch.tensor([cities.index(world.home[p]) for p in people], device=self.device)  # noqa: E731
+        y_train, y_test = label(world.composition[:1200]), label(world.heldout[:240])
+        mean, std = train.mean(0), train.std(0) + 1e-6
+        x_train, x_test = (train - mean) / std, (test - mean) / std
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(train.shape[1], len(cities)).to(self.device)
+        optimizer = torch.optim.AdamW(linear.parameters(), lr=1e-2, weight_decay=1e-2)
+        with torch.enable_grad():
+            for _ in range(300):
+                loss = torch.nn.functional.cross_entropy(linear(x_train), y_train)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        with torch.no_grad():
+            heldout = (linear(x_test).argmax(-1) == y_test).float().mean().item()
+        rms = train.pow(2).mean().sqrt()
+        return {
+            "probe_heldout": round(heldout, 4),
+            "state_rms": round(rms.item(), 3),
+            "state_max_dim_ratio": round((train.abs().mean(0).max() / rms).item(), 2),
+        }
 
     # ------------------------------------------------------------------ data and scores
     def encode(self, example):
@@ -279,7 +337,7 @@ class Sweep:
     # ------------------------------------------------------------------ one setting
     def run(self, setting: Setting):
         started = time.time()
-        world, specialist = self.world_and_specialist(setting.world)
+        world, specialist = self.world_and_specialist(setting.world, setting.specialist_seed)
         bridge = BridgeConfig(num_heads=16, rotary=True, norm=setting.norm, zero_init_output=True)
         model = ComposedModel.from_models(
             self.load_anchor(), specialist, MappingSpec(pairs=setting.pairs), bridge
@@ -371,6 +429,9 @@ def main(argv=None):
         "--pairs", default=None, help='JSON [[augment, anchor], ...] for every setting (e.g. "[[3,20]]")'
     )
     parser.add_argument("--no-filter-cities", dest="filter_cities", action="store_false")
+    parser.add_argument(
+        "--specialist-seeds", default=None, help="comma-separated: run every setting once per specialist seed"
+    )
     parser.add_argument("--facts-dir", default=None, help="use this demo build's world and specialist")
     parser.add_argument(
         "--dtype", default="float32", help="of the frozen anchor and specialist (bfloat16: CPU speed)"
@@ -388,6 +449,13 @@ def main(argv=None):
         parser.error(f"unknown settings {sorted(unknown)}: choose from {[s.name for s in SETTINGS]}")
     if args.pairs:
         chosen = [Setting(**{**s.__dict__, "pairs": json.loads(args.pairs)}) for s in chosen]
+    if args.specialist_seeds:
+        seeds = [int(x) for x in args.specialist_seeds.split(",")]
+        chosen = [
+            Setting(**{**s.__dict__, "specialist_seed": seed, "name": f"{s.name}_spec{seed}"})
+            for s in chosen
+            for seed in seeds
+        ]
     sweep = Sweep(args)
     for setting in chosen:
         if time.time() - sweep.start > args.budget:

@@ -74,7 +74,7 @@ def test_the_settings_sweep_runs_and_writes_every_measurement(tmp_path):
     args = [
         "--gguf-dir", str(tmp_path), "--gguf-file", "tiny.gguf", "--work", str(tmp_path / "work"),
         "--out", str(out), "--device", "cpu", "--only", "W1_top_150,W1_pair_1500", "--scale", "0.01",
-        "--max-eval", "4", "--pairs", "[[3,4]]", "--no-filter-cities",
+        "--max-eval", "4", "--pairs", "[[3,4]]", "--no-filter-cities", "--specialist-seeds", "1,2",
     ]  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "real_facts_sweep.py"), *args],
@@ -82,11 +82,13 @@ def test_the_settings_sweep_runs_and_writes_every_measurement(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    events = [(e["event"], e.get("name")) for e in lines]
-    assert ("error", "W1_top_150") not in events and ("error", "W1_pair_1500") not in events
+    assert not [e for e in lines if e["event"] == "error"]
     finals = {e["name"]: e for e in lines if e["event"] == "final"}
-    assert set(finals) == {"W1_top_150", "W1_pair_1500"}
+    names = {f"{s}_spec{seed}" for s in ("W1_top_150", "W1_pair_1500") for seed in (1, 2)}
+    assert set(finals) == names
     for final in finals.values():
         assert 0.0 <= final["one_hop_heldout"] <= 1.0 and 0.0 <= final["two_hop_heldout"] <= 1.0
         assert final["setting"]["pairs"] == [[3, 4]]
-    assert [e["world"] for e in lines if e["event"] == "specialist"] == ["W1"]  # built once, reused
+    builds = [e for e in lines if e["event"] == "specialist"]
+    assert [(e["world"], e["seed"]) for e in builds] == [("W1", 1), ("W1", 2)]  # built once per seed
+    assert all(0.0 <= e["probe_heldout"] <= 1.0 and e["state_rms"] > 0 for e in builds)
