@@ -101,6 +101,11 @@ class TrainerConfig:
     compile_bridges: bool = False
     cache_augment_states: bool = False
     cache_dir: str | None = None  # augment-state cache; None: <run dir>/augment_cache
+    # The anchor's frozen bottom layers computed once over the training split (a step then starts
+    # above them); share the directory between runs over one anchor and one training split.
+    cache_anchor_prefix: bool = False
+    anchor_prefix_layers: int | None = None  # None: every layer below the lowest trained one
+    anchor_prefix_cache_dir: str | None = None  # None: <run dir>/anchor_prefix_cache
     num_threads: int | None = None  # CPU threads for torch (None: torch's default)
     progress_bar: bool = True
 

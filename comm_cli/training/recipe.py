@@ -19,6 +19,7 @@ optimizer state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -254,6 +255,9 @@ class TrainRecipe:
         train_collator = collator
         if tcfg.cache_augment_states:
             train_collator = self._augment_cache_collator(collator)
+        self.anchor_prefix = None
+        if tcfg.cache_anchor_prefix:
+            train_collator = self._anchor_prefix_collator(train_collator)
         self.sampler = EpochSampler(len(self.splits["train"]), cfg.seed)
         self.train_loader = torch.utils.data.DataLoader(
             self.splits["train"],
@@ -313,6 +317,74 @@ class TrainRecipe:
             else:
                 logger.info("reusing cached augment states in %s", directory)
         return CachedStatesCollator(collator, cache)
+
+    def _anchor_prefix_collator(self, collator):
+        """Precompute (or reuse) the anchor's frozen bottom layers over the training split and
+        make those layers replay them during training steps."""
+        import dataclasses
+
+        from comm_cli.compose.prefix import AnchorPrefix, decoder_layers, trainable_prefix_length
+        from comm_cli.training.anchor_prefix_cache import (
+            AnchorPrefixCache,
+            PrefixStatesCollator,
+            build_cache,
+            fingerprint,
+        )
+
+        tcfg = self.cfg.trainer
+        if self.engine not in ("single", "ddp"):
+            raise ConfigError(
+                f"trainer.cache_anchor_prefix=true does not work with {self.engine} (it shards the "
+                "anchor's layers): set trainer.cache_anchor_prefix=false or train without FSDP/DeepSpeed"
+            )
+        composed = isinstance(self.model, ComposedModel)
+        anchor = self.model.anchor if composed else self.model
+        layers = decoder_layers(anchor)
+        if composed:  # the lowest bridge adds to its layer's output: that layer is frozen too
+            frozen = min(self.model._bridges_at) + 1
+        else:
+            frozen = trainable_prefix_length(layers, anchor.get_input_embeddings())
+        if frozen == 0:
+            raise ConfigError(
+                "trainer.cache_anchor_prefix=true, but training changes the anchor's embeddings or its "
+                "first layer, so no frozen prefix exists: set trainer.cache_anchor_prefix=false"
+            )
+        length = frozen
+        if tcfg.anchor_prefix_layers is not None:
+            if not 1 <= tcfg.anchor_prefix_layers <= frozen:
+                raise ConfigError(
+                    f"trainer.anchor_prefix_layers={tcfg.anchor_prefix_layers}, but only the anchor's first "
+                    f"{frozen} layers are frozen in this run: give 1..{frozen} (or null for {frozen})"
+                )
+            length = tcfg.anchor_prefix_layers
+        train = self.splits["train"]
+        if "example_id" not in train.column_names:
+            train = train.add_column("example_id", list(range(len(train))))
+            self.splits["train"] = train
+        spec = (
+            dataclasses.asdict(self.cfg.anchor)
+            if dataclasses.is_dataclass(self.cfg.anchor)
+            else dict(self.cfg.anchor)
+        )
+        dtype = next(anchor.parameters()).dtype
+        key = fingerprint(train, spec, length, dtype)
+        directory = Path(tcfg.anchor_prefix_cache_dir or self.run_dir / "anchor_prefix_cache").expanduser()
+        with self.accelerator.main_process_first():
+            cache = AnchorPrefixCache.open(directory, key)
+            if cache is None:
+                if not self.accelerator.is_main_process:
+                    raise ConfigError(
+                        f"the anchor prefix cache in {directory} is missing on this node: "
+                        "use a shared trainer.anchor_prefix_cache_dir"
+                    )
+                self.model.to(self.accelerator.device)
+                with self.accelerator.autocast():
+                    cache = build_cache(anchor, layers, length, train, directory, key, 4 * tcfg.batch_size)
+            else:
+                logger.info("reusing the anchor's cached prefix states (%d layers) in %s", length, directory)
+        self.anchor_prefix = AnchorPrefix(layers, length)
+        self.anchor_prefix.probe(anchor)
+        return PrefixStatesCollator(collator, cache)
 
     def _setup_model(self) -> None:
         self.model = build_model(self.cfg)
@@ -510,8 +582,14 @@ class TrainRecipe:
     # ------------------------------------------------------------------ training
 
     def _summed_loss(self, batch) -> torch.Tensor:
-        """Summed token loss of a micro-batch, computed without logits where no loss is."""
-        return batch_loss(self.model, batch, composed=self.cfg.method.name == "calm", reduction="sum")
+        """Summed token loss of a micro-batch, computed without logits where no loss is (and,
+        with a cached anchor prefix, without the anchor's frozen bottom layers)."""
+        states = batch.pop("anchor_prefix_states", None)
+        replay = (
+            self.anchor_prefix.given(states) if self.anchor_prefix is not None else contextlib.nullcontext()
+        )
+        with replay:
+            return batch_loss(self.model, batch, composed=self.cfg.method.name == "calm", reduction="sum")
 
     def _micro_batches(self):
         """Yield (epoch, index in epoch, batch) forever, from the saved data position on."""
