@@ -133,14 +133,34 @@ def main(argv: list[str] | None = None) -> None:
         return f"lora_lr{min(lora_loss, key=lora_loss.get)}"
 
     augment = {"generic": facts_dir / "generic", "random": facts_dir / "random"}
-    jobs = [train_job(name, root, base + [f"seed={s}"]) for name, s in zip(calm_runs, seeds)]
+
+    # The frozen anchor below the trained layers is computed once per training split and shared:
+    # the first CALM run and the first LoRA run (in parallel) build it, the runs on the same data
+    # (the controls, the other learning rates) start after them. The training seed draws the
+    # data, so each CALM seed has its own.
+    def cache(family: str) -> str:
+        return f"trainer.anchor_prefix_cache_dir={root / 'anchor_prefix' / family}"
+
+    lora_base = base + ["method=lora", cache("lora")]
+    jobs = [
+        train_job(calm_runs[0], root, base + [f"seed={seeds[0]}", cache(calm_runs[0])]),
+        train_job(lora_runs[0], root, lora_base + [f"optimizer.lr={lrs[0]}"]),
+    ]
     jobs += [
-        train_job(f"calm_{kind}", root, base + [f"augment.name_or_path={path}"])
+        train_job(name, root, base + [f"seed={s}", cache(name)]) for name, s in zip(calm_runs[1:], seeds[1:])
+    ]
+    jobs += [
+        train_job(
+            f"calm_{kind}",
+            root,
+            base + [f"seed={seeds[0]}", f"augment.name_or_path={path}", cache(calm_runs[0])],
+            after=calm_runs[:1],
+        )
         for kind, path in augment.items()
     ]
     jobs += [
-        train_job(name, root, base + ["method=lora", f"optimizer.lr={lr}"])
-        for name, lr in zip(lora_runs, lrs)
+        train_job(name, root, lora_base + [f"optimizer.lr={lr}"], after=lora_runs[:1])
+        for name, lr in zip(lora_runs[1:], lrs[1:])
     ]
     jobs += [
         eval_job(
