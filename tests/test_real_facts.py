@@ -164,6 +164,17 @@ def test_training_rows_never_name_a_held_out_or_validation_person(tmp_path):
     assert _people_named(list(splits["validation"]), world) <= set(world.validation)
 
 
+def test_a_fixed_question_draw_is_the_same_for_every_training_seed(tmp_path):
+    world = FactsWorld.create(seed=2, num_people=60)
+    data, cfg = _cfg(tmp_path, world, train_examples=50, validation_examples=20)
+    drawn = [list(facts_data.raw_splits(data, cfg, seed=s)["train"]) for s in (0, 1)]
+    assert drawn[0] != drawn[1]  # by default the training seed draws the questions
+    data.facts.seed = 0
+    fixed = [facts_data.raw_splits(data, cfg, seed=s) for s in (0, 1)]
+    assert list(fixed[0]["train"]) == list(fixed[1]["train"]) == drawn[0]
+    assert list(fixed[0]["validation"]) == list(fixed[1]["validation"])
+
+
 def test_validation_on_the_training_people_is_refused(tmp_path):
     world = FactsWorld.create(seed=2, num_people=40)
     data, cfg = _cfg(tmp_path, world, validation_people="all")

@@ -30,6 +30,9 @@ class FactsTaskConfig:
     two_hop_style: str = "city_first"  # city_first ("... lives in Lyon, France.") | direct ("... in France.")
     train_examples: int = 4800
     validation_examples: int = 128
+    # Which questions are drawn; None: the training seed. A fixed draw lets runs with other
+    # training seeds (bridge initialisation, data order) share one cached anchor prefix.
+    seed: int | None = None
     eval_task: str = "one_hop"  # statement | one_hop | two_hop | skill
     eval_examples: int | None = None  # None: every person (every city for skill)
 

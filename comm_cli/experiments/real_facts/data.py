@@ -37,9 +37,11 @@ def _world(cfg) -> FactsWorld:
 
 def raw_splits(data_cfg, cfg, seed: int = 0) -> datasets.DatasetDict:
     """ "train" rows about ``data.facts.people`` and "validation" rows (same task mix, other seed)
-    about ``data.facts.validation_people``."""
+    about ``data.facts.validation_people``, drawn with ``data.facts.seed`` (default: ``seed``,
+    the training seed)."""
     world = _world(cfg)
     f = data_cfg.facts
+    seed = seed if f.seed is None else f.seed
     train_people = world.split(f.people)
     rows = tasks.sample(dict(f.mix), f.train_examples, seed, world, train_people, f.two_hop_style)
     splits = {"train": datasets.Dataset.from_list(rows)}

@@ -134,26 +134,28 @@ def main(argv: list[str] | None = None) -> None:
 
     augment = {"generic": facts_dir / "generic", "random": facts_dir / "random"}
 
-    # The frozen anchor below the trained layers is computed once per training split and shared:
-    # the first CALM run and the first LoRA run (in parallel) build it, the runs on the same data
-    # (the controls, the other learning rates) start after them. The training seed draws the
-    # data, so each CALM seed has its own.
+    # The frozen anchor below the trained layers is computed once per family and shared: the
+    # first CALM run and the first LoRA run (in parallel) build it, the others start after them.
+    # Every run draws the same questions (data.facts.seed); the CALM seeds vary the bridges'
+    # initialisation and the data order.
     def cache(family: str) -> str:
         return f"trainer.anchor_prefix_cache_dir={root / 'anchor_prefix' / family}"
 
+    base = base + ["data.facts.seed=0"]
     lora_base = base + ["method=lora", cache("lora")]
     jobs = [
-        train_job(calm_runs[0], root, base + [f"seed={seeds[0]}", cache(calm_runs[0])]),
+        train_job(calm_runs[0], root, base + [f"seed={seeds[0]}", cache("calm")]),
         train_job(lora_runs[0], root, lora_base + [f"optimizer.lr={lrs[0]}"]),
     ]
     jobs += [
-        train_job(name, root, base + [f"seed={s}", cache(name)]) for name, s in zip(calm_runs[1:], seeds[1:])
+        train_job(name, root, base + [f"seed={s}", cache("calm")], after=calm_runs[:1])
+        for name, s in zip(calm_runs[1:], seeds[1:])
     ]
     jobs += [
         train_job(
             f"calm_{kind}",
             root,
-            base + [f"seed={seeds[0]}", f"augment.name_or_path={path}", cache(calm_runs[0])],
+            base + [f"seed={seeds[0]}", f"augment.name_or_path={path}", cache("calm")],
             after=calm_runs[:1],
         )
         for kind, path in augment.items()
