@@ -106,6 +106,9 @@ class TrainerConfig:
     cache_anchor_prefix: bool = False
     anchor_prefix_layers: int | None = None  # None: every layer below the lowest trained one
     anchor_prefix_cache_dir: str | None = None  # None: <run dir>/anchor_prefix_cache
+    # Set everything up (data, models, the caches above) and stop before the first step: builds
+    # a shared cache once, e.g. before a sweep whose runs then read it.
+    prepare_only: bool = False
     num_threads: int | None = None  # CPU threads for torch (None: torch's default)
     progress_bar: bool = True
 

@@ -1,6 +1,6 @@
 """The anchor's frozen prefix, computed once: replayed states give the computed loss and
-gradients, the prefix is never run while replaying, runs share one cache, and a training run
-with it follows the same curve (CALM and LoRA)."""
+gradients, the prefix is never run while replaying, a prepare-only run builds the cache that
+later runs read, and a training run with it follows the same curve (CALM and LoRA)."""
 
 from __future__ import annotations
 
@@ -124,12 +124,15 @@ def test_training_with_the_cached_prefix_follows_the_same_curve_and_runs_share_i
         COMMON + extra + ["trainer.cache_anchor_prefix=true", f"trainer.anchor_prefix_cache_dir={shared}"]
     )
     assert run_train(base_args(ws, tmp_path, "live") + COMMON + extra) == 0
+    assert run_train(base_args(ws, tmp_path, "prep") + cached + ["trainer.prepare_only=true"]) == 0
+    assert "cached the anchor's first 2 layers" in (tmp_path / "prep" / "train.log").read_text()
+    assert (shared / "manifest.json").is_file()
+    assert not (tmp_path / "prep" / "checkpoints").exists()  # prepared, no step taken
+    assert not any((tmp_path / "prep" / d).exists() for d in ("composition", "adapter"))
     assert run_train(base_args(ws, tmp_path, "first") + cached) == 0
-    assert run_train(base_args(ws, tmp_path, "second") + cached + ["seed=1"]) == 0
-    assert "cached the anchor's first 2 layers" in (tmp_path / "first" / "train.log").read_text()
     assert (
         "reusing the anchor's cached prefix states (2 layers)"
-        in (tmp_path / "second" / "train.log").read_text()
+        in (tmp_path / "first" / "train.log").read_text()
     )
     live, first = _losses(tmp_path / "live"), _losses(tmp_path / "first")
     assert len(live) == len(first) > 100

@@ -608,6 +608,9 @@ class TrainRecipe:
 
     def train(self) -> dict:
         """The loop, with SIGTERM/SIGINT turned into a checkpoint at the next step boundary."""
+        if self.cfg.trainer.prepare_only:
+            logger.info("trainer.prepare_only=true: data, models and caches are ready; no step taken")
+            return {}
         with self.stop:
             return self._train()
 

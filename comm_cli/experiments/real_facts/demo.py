@@ -134,35 +134,23 @@ def main(argv: list[str] | None = None) -> None:
 
     augment = {"generic": facts_dir / "generic", "random": facts_dir / "random"}
 
-    # The frozen anchor below the trained layers is computed once per family and shared: the
-    # first CALM run and the first LoRA run (in parallel) build it, the others start after them.
-    # Every run draws the same questions (data.facts.seed); the CALM seeds vary the bridges'
-    # initialisation and the data order.
-    def cache(family: str) -> str:
-        return f"trainer.anchor_prefix_cache_dir={root / 'anchor_prefix' / family}"
-
-    base = base + ["data.facts.seed=0"]
-    lora_base = base + ["method=lora", cache("lora")]
-    jobs = [
-        train_job(calm_runs[0], root, base + [f"seed={seeds[0]}", cache("calm")]),
-        train_job(lora_runs[0], root, lora_base + [f"optimizer.lr={lrs[0]}"]),
-    ]
+    # The anchor's frozen prefix (trainer.anchor_prefix_layers of the experiment) is computed
+    # once, by a job that has the machine to itself, and every training run reads it: all draw
+    # the same questions (data.facts.seed); the CALM seeds vary the bridges' initialisation and
+    # the data order.
+    base = base + ["data.facts.seed=0", f"trainer.anchor_prefix_cache_dir={root / 'anchor_prefix'}"]
+    if cfg.trainer.cache_anchor_prefix:
+        alone = Runner(root / "logs", 1, args.workers * args.threads)
+        alone.run([train_job("anchor_prefix", root, base + ["trainer.prepare_only=true"])])
+        runner.seconds.update(alone.seconds)
+    jobs = [train_job(name, root, base + [f"seed={s}"]) for name, s in zip(calm_runs, seeds)]
     jobs += [
-        train_job(name, root, base + [f"seed={s}", cache("calm")], after=calm_runs[:1])
-        for name, s in zip(calm_runs[1:], seeds[1:])
-    ]
-    jobs += [
-        train_job(
-            f"calm_{kind}",
-            root,
-            base + [f"seed={seeds[0]}", f"augment.name_or_path={path}", cache("calm")],
-            after=calm_runs[:1],
-        )
+        train_job(f"calm_{kind}", root, base + [f"seed={seeds[0]}", f"augment.name_or_path={path}"])
         for kind, path in augment.items()
     ]
     jobs += [
-        train_job(name, root, lora_base + [f"optimizer.lr={lr}"], after=lora_runs[:1])
-        for name, lr in zip(lora_runs[1:], lrs[1:])
+        train_job(name, root, base + ["method=lora", f"optimizer.lr={lr}"])
+        for name, lr in zip(lora_runs, lrs)
     ]
     jobs += [
         eval_job(
