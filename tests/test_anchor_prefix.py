@@ -162,3 +162,19 @@ def test_a_prefix_longer_than_the_frozen_layers_is_one_clear_error(tmp_path_fact
     full = base_args(ws, tmp_path, "full") + ["method=full", "trainer.cache_anchor_prefix=true"]
     assert run_train(full) != 0
     assert "no frozen prefix exists" in capsys.readouterr().err
+
+
+def test_a_composition_and_lora_share_one_prefix_cache(tmp_path_factory, tmp_path):
+    """What make demo-real relies on: a cache prepared by a CALM config serves a LoRA run."""
+    ws = build_workspace(tmp_path_factory.mktemp("ws"))
+    shared = tmp_path / "prefix_cache"
+    common = ["trainer.max_steps=2", "trainer.cache_anchor_prefix=true", f"trainer.anchor_prefix_cache_dir={shared}",
+              "trainer.anchor_prefix_layers=2"]  # fmt: skip
+    calm = ["mapping=pairs", "mapping.every=null", "mapping.pairs=[[1,2]]", "trainer.prepare_only=true"]
+    assert run_train(base_args(ws, tmp_path, "calm") + common + calm) == 0
+    lora = ["method=lora", "method.lora.layers=[2,3]", "method.lora.target_modules=[q_proj,v_proj]"]
+    assert run_train(base_args(ws, tmp_path, "lora") + common + lora) == 0
+    assert (
+        "reusing the anchor's cached prefix states (2 layers)"
+        in (tmp_path / "lora" / "train.log").read_text()
+    )

@@ -65,6 +65,10 @@ def test_smoke_demo_writes_the_table_and_the_pictures(tmp_path):
     assert len(table["attention_pictures"]) == 1
     assert all((tmp_path / "demo" / p).exists() for p in table["attention_pictures"])
     assert "the anchor names the country of" in result.stdout
+    # one anchor prefix, built once, read by every training run (CALM, its controls, LoRA)
+    for run in ("calm_seed0", "calm_generic", "calm_random", "lora_lr1e-3", "lora_lr1e-2"):
+        log = (tmp_path / "demo" / "logs" / f"{run}.log").read_text()
+        assert "reusing the anchor's cached prefix states (1 layers)" in log, run
 
 
 def test_the_settings_sweep_runs_and_writes_every_measurement(tmp_path):

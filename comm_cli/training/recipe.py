@@ -366,6 +366,9 @@ class TrainRecipe:
             if dataclasses.is_dataclass(self.cfg.anchor)
             else dict(self.cfg.anchor)
         )
+        # the states follow from the weights and the token ids (fingerprinted themselves); which
+        # tokenizer made the ids is no part of them (a composition names it, LoRA does not)
+        spec.pop("tokenizer", None)
         dtype = next(anchor.parameters()).dtype
         key = fingerprint(train, spec, length, dtype)
         directory = Path(tcfg.anchor_prefix_cache_dir or self.run_dir / "anchor_prefix_cache").expanduser()
