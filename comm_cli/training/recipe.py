@@ -277,6 +277,14 @@ class TrainRecipe:
                 num_workers=tcfg.num_workers,
             )
 
+    def _train_split_with_example_ids(self):
+        """The training split with an ``example_id`` column (what the cache collators index by)."""
+        train = self.splits["train"]
+        if "example_id" not in train.column_names:
+            train = train.add_column("example_id", list(range(len(train))))
+            self.splits["train"] = train
+        return train
+
     def _augment_cache_collator(self, collator):
         """Precompute (or reuse) the augmenting models' states over the training split."""
         from comm_cli.compose.loading import torch_dtype
@@ -291,10 +299,7 @@ class TrainRecipe:
             raise ConfigError(
                 "trainer.cache_augment_states=true needs method=calm (only CALM has augmenting models)"
             )
-        train = self.splits["train"]
-        if "example_id" not in train.column_names:
-            train = train.add_column("example_id", list(range(len(train))))
-            self.splits["train"] = train
+        train = self._train_split_with_example_ids()
         dtype = torch_dtype(self.cfg.bridge.dtype)
         directory = Path(self.cfg.trainer.cache_dir or self.run_dir / "augment_cache").expanduser()
         fingerprint = data_fingerprint(train, self.model, self.model.mask_mode, dtype)
@@ -357,10 +362,7 @@ class TrainRecipe:
                     f"{frozen} layers are frozen in this run: give 1..{frozen} (or null for {frozen})"
                 )
             length = tcfg.anchor_prefix_layers
-        train = self.splits["train"]
-        if "example_id" not in train.column_names:
-            train = train.add_column("example_id", list(range(len(train))))
-            self.splits["train"] = train
+        train = self._train_split_with_example_ids()
         spec = (
             dataclasses.asdict(self.cfg.anchor)
             if dataclasses.is_dataclass(self.cfg.anchor)
