@@ -32,7 +32,7 @@ import torch
 
 from comm_cli.compose.loading import dtype_name, torch_dtype
 from comm_cli.compose.prefix import prefix_states
-from comm_cli.training.augment_cache import _NUMPY
+from comm_cli.training.augment_cache import _NUMPY, read_manifest, states_from_numpy, states_to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +68,8 @@ class AnchorPrefixCache:
 
     @classmethod
     def open(cls, directory: str | Path, fingerprint: str) -> AnchorPrefixCache | None:
-        path = Path(directory) / MANIFEST
-        if not path.is_file():
-            return None
-        manifest = json.loads(path.read_text())
-        if manifest.get("fingerprint") != fingerprint or manifest.get("version") != CACHE_VERSION:
-            return None
-        return cls(Path(directory), manifest)
+        manifest = read_manifest(directory, fingerprint, CACHE_VERSION)
+        return None if manifest is None else cls(Path(directory), manifest)
 
     def batch_states(self, example_ids: list[int], length: int) -> torch.Tensor:
         """(batch, length, width) states of a right-padded batch; zeros on padding."""
@@ -83,8 +78,7 @@ class AnchorPrefixCache:
             start, end = int(self.offsets[example]), int(self.offsets[example + 1])
             n = min(end - start, length)
             array[row, :n] = self.states[start : start + n]
-        tensor = torch.from_numpy(array)
-        return tensor.view(torch.bfloat16) if self.dtype == torch.bfloat16 else tensor
+        return states_from_numpy(array, self.dtype)
 
 
 @torch.no_grad()
@@ -121,9 +115,7 @@ def build_cache(anchor, layers, length: int, dataset, directory: str | Path, fin
                 position_ids=positions_from_mask(mask),
             ).cpu()
             dtype, width = states.dtype, states.shape[-1]
-            array = (
-                (states.view(torch.int16) if dtype == torch.bfloat16 else states).numpy().view(_NUMPY[dtype])
-            )
+            array = states_to_numpy(states)
             for i, n in enumerate(lengths):
                 handle.write(np.ascontiguousarray(array[i, :n]).tobytes())
                 offsets.append(offsets[-1] + n)

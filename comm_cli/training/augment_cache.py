@@ -50,6 +50,30 @@ def offsets_name(augment: int) -> str:
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
+def states_to_numpy(states: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as the numpy array its cache file stores (bfloat16 as raw 16-bit words)."""
+    words = states.view(torch.int16) if states.dtype == torch.bfloat16 else states
+    return words.numpy().view(_NUMPY[states.dtype])
+
+
+def states_from_numpy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor a cache file's array holds (its 16-bit words viewed back as bfloat16)."""
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+
+def read_manifest(directory: str | Path, fingerprint: str, version: int) -> dict | None:
+    """A cache directory's manifest if it is complete and was built for this fingerprint and
+    cache version; None otherwise (the caller builds it)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("fingerprint") != fingerprint or manifest.get("version") != version:
+        return None
+    return manifest
+
+
 def _aligned(model, augment: int) -> bool:
     return model.augment_readers[augment] is not None
 
@@ -93,13 +117,8 @@ class AugmentStateCache:
 
     @classmethod
     def open(cls, directory: str | Path, fingerprint: str) -> AugmentStateCache | None:
-        path = Path(directory) / MANIFEST
-        if not path.is_file():
-            return None
-        manifest = json.loads(path.read_text())
-        if manifest.get("fingerprint") != fingerprint or manifest.get("version") != CACHE_VERSION:
-            return None
-        return cls(Path(directory), manifest)
+        manifest = read_manifest(directory, fingerprint, CACHE_VERSION)
+        return None if manifest is None else cls(Path(directory), manifest)
 
     def _map(self, augment: int, layer: int, width: int, shard: int) -> np.memmap:
         key = (augment, layer, shard)
@@ -132,8 +151,7 @@ class AugmentStateCache:
                 start, end = int(offsets[example]), int(offsets[example + 1])
                 n = min(end - start, length)
                 array[row, :n] = self._rows(augment, layer, width, start, start + n)
-            tensor = torch.from_numpy(array)
-            out[augment][layer] = tensor.view(torch.bfloat16) if self.dtype == torch.bfloat16 else tensor
+            out[augment][layer] = states_from_numpy(array, self.dtype)
         return out
 
 
@@ -191,7 +209,6 @@ def _write_augment(model, dataset, tmp: Path, augment, layer_list, width, dtype,
     from comm_cli.compose.masks import positions_from_mask
 
     device = next(model.augments[augment].parameters()).device
-    numpy_dtype = _NUMPY[dtype]
     offsets, shards = [0], [{"start": 0, "tokens": 0}]
 
     def open_files(shard: int) -> dict:
@@ -216,10 +233,7 @@ def _write_augment(model, dataset, tmp: Path, augment, layer_list, width, dtype,
                 shards.append({"start": offsets[-1], "tokens": 0})
                 files = open_files(len(shards) - 1)
             for layer in layer_list:
-                values = states[layer].to(dtype).cpu()
-                if dtype == torch.bfloat16:
-                    values = values.view(torch.int16)
-                array = values.numpy().view(numpy_dtype)
+                array = states_to_numpy(states[layer].to(dtype).cpu())
                 for i, n in enumerate(lengths):
                     files[layer].write(np.ascontiguousarray(array[i, :n]).tobytes())
             for n in lengths:
