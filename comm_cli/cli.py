@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from comm_cli.errors import CommError, TrainingStopped
+from comm_cli.errors import CommError, ConfigError, TrainingStopped
 
 EXIT_USER_ERROR = 2
 # Stopped on SIGTERM/SIGINT after a checkpoint (sysexits' EX_TEMPFAIL: "try again later").
@@ -30,6 +30,69 @@ def config_dir() -> str:
     raise RuntimeError(
         f"comm's configs are missing: neither {package / 'conf'} nor {package.parent / 'conf'} exists"
     )
+
+
+def register_configs() -> None:
+    """Before a config is composed: register the experiments (built-in and plugged in), the
+    schema built from them, their resolvers, and the Hydra config directories plugins ship."""
+    from comm_cli import experiments, registry
+    from comm_cli.schema import register_schemas
+
+    experiments.load()
+    register_schemas()
+    directories = [e.config_dir for e in registry.experiments() if e.config_dir]
+    if directories:
+        _add_config_search_path(directories)
+
+
+def _add_config_search_path(directories: list[str]) -> None:
+    """Let Hydra find configs in ``directories`` too (after comm's own): an experiment that lives
+    outside comm ships its ``experiment/NAME.yaml`` and presets there."""
+    from hydra.core.config_search_path import ConfigSearchPath
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+    class ExperimentConfigs(SearchPathPlugin):
+        def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+            for directory in directories:
+                path = directory if "://" in directory else f"file://{Path(directory).resolve()}"
+                search_path.append(provider="comm-experiment", path=path)
+
+    Plugins.instance().register(ExperimentConfigs)
+
+
+def to_typed(cfg):
+    """The typed config of a composed one. A required value left unset, a dataclass check (a
+    mapping with two forms) and an interpolation that names a section nobody set (``${kv.dir}``
+    in a preset of an experiment the config does not use) each end in one ConfigError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import (
+        InterpolationKeyError,
+        InterpolationToMissingValueError,
+        MissingMandatoryValue,
+    )
+
+    from comm_cli import registry
+
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as err:
+        hint = "give it on the command line or in a config file"
+        if err.full_key in ("anchor.name_or_path", "augment.name_or_path"):
+            hint = (
+                "name your models (anchor.name_or_path=... augment.name_or_path=..., a hub id or a directory, "
+                "or a preset such as anchor=qwen2_5_1_5b) or run a built-in experiment (experiment=kv_arithmetic)"
+            )
+        raise ConfigError(f"{err.full_key} is not set: {hint}") from err
+    except (InterpolationKeyError, InterpolationToMissingValueError) as err:
+        text = str(err).splitlines()[0]
+        owners = [e for e in registry.experiments() if e.section and f"'{e.section}." in text]
+        hint = (
+            f"it belongs to the {owners[0].name} experiment: add experiment={owners[0].name} (or {owners[0].section}={{}})"
+            if owners
+            else "set the key it names, or drop the preset that uses it"
+        )
+        raise ConfigError(f"{err.full_key}: {text}: {hint}") from err
 
 
 def resolve_output_dir(cfg) -> None:
@@ -147,6 +210,14 @@ def hydra_error_line(err: BaseException, program: str) -> str:
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     hint = f"`{program} --cfg job` prints every key and its value"
+    if "Unexpected type for root: NoneType" in str(err.__cause__ or err):
+        # OmegaConf cannot set a.b=x where a is null: an experiment's section nobody turned on
+        sections = ", ".join(f"{e.section} ({e.name})" for e in _experiment_sections())
+        return (
+            "an override sets a key inside a section that is null in this config (experiment sections: "
+            f"{sections or 'none'}): choose the experiment or suite that uses it (experiment=NAME, suite=NAME), "
+            f"or set the whole section (e.g. kv={{dir: /path}}); {hint}"
+        )
     if isinstance(err, MissingConfigException) and err.missing_cfg_file:
         group, _, option = str(err.missing_cfg_file).rpartition("/")
         if group and err.options:
@@ -169,6 +240,12 @@ def hydra_error_line(err: BaseException, program: str) -> str:
     if isinstance(err, OverrideParseException):
         return f"cannot parse the override '{err.override}': {_all_lines(err)}"
     return f"the config cannot be composed: {_all_lines(err)} ({hint})"
+
+
+def _experiment_sections():
+    from comm_cli import registry
+
+    return [e for e in registry.experiments() if e.section]
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,6 +1,6 @@
 """`comm-eval`: the Hydra entry point for evaluation. The work lives in ``comm_cli.evaluation``.
 
-comm-eval                                         the key-value experiment's composition
+comm-eval checkpoint=outputs/kv_arithmetic/composition   a run, evaluated as it was trained
 comm-eval checkpoint=outputs/my_run/composition
 comm-eval model=anchor                            a baseline: anchor | augment | lora | full
 """
@@ -15,25 +15,27 @@ from omegaconf import DictConfig, OmegaConf
 from comm_cli.cli import (
     check_override_keys,
     config_dir,
+    register_configs,
     resolve_output_dir,
     run_hydra,
     run_reporting_errors,
     task_started,
+    to_typed,
 )
-from comm_cli.schema import EvalConfig, check_eval_values, register_schemas
+from comm_cli.schema import check_eval_values, eval_schema
 
 PROGRAM = "comm-eval"
 GROUPS = {"anchor", "augment", "logger", "task", "suite"}
 
-register_schemas()
+register_configs()
 
 
 def run(cfg: DictConfig) -> list[dict]:
     """Evaluate from a composed config (also what tests and the demo call)."""
     from comm_cli.evaluation.recipe import check_inputs, evaluate
-    from comm_cli.experiments import prepare
+    from comm_cli.registry import prepare
 
-    typed = OmegaConf.to_object(cfg)
+    typed = to_typed(cfg)
     check_eval_values(typed)
     check_inputs(typed)  # checkpoint and data files, before an experiment builds anything
     prepare(typed)
@@ -48,7 +50,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    check_override_keys(PROGRAM, sys.argv[1:], EvalConfig, GROUPS)
+    from comm_cli.evaluation.from_run import overrides_from_run
+
+    # a run's own settings first (its experiment's tasks and sections), the user's after them
+    sys.argv[1:] = overrides_from_run(sys.argv[1:]) + sys.argv[1:]
+    check_override_keys(PROGRAM, sys.argv[1:], eval_schema(), GROUPS)
     run_hydra(PROGRAM, _hydra_main)
 
 

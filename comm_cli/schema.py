@@ -3,8 +3,10 @@
 Hydra merges every YAML file and command-line override onto these dataclasses, so an unknown
 key or a value of the wrong type is rejected with the key's full name before any model loads.
 The composition's own pieces (ModelSpec, MappingSpec, BridgeConfig) and the data config are the
-same dataclasses the library uses, so the schema cannot drift from the code. Each built-in
-experiment's own sections (``kv``, ``data.kv``, ``facts``, ``data.facts``) come from its package under ``comm_cli.experiments``.
+same dataclasses the library uses, so the schema cannot drift from the code. The sections of the
+experiments (a top-level one and one under ``data``, e.g. ``kv`` and ``data.kv``) come from the
+experiment registry (``comm_cli.registry``): ``build_schemas`` adds each registered experiment's
+sections to the classes below, null unless a config sets them. This module names no experiment.
 """
 
 from __future__ import annotations
@@ -16,15 +18,14 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from comm_cli import registry
 from comm_cli.compose.specs import BridgeConfig, MappingSpec, ModelSpec
 from comm_cli.data.loading import DataConfig
 from comm_cli.errors import ConfigError
-from comm_cli.experiments.kv_arithmetic.config import KVSpecialistsConfig, KVTaskConfig
-from comm_cli.experiments.kv_arithmetic.specialists import SpecialistSettings
-from comm_cli.experiments.real_facts.config import FactsConfig, FactsTaskConfig
-from comm_cli.experiments.real_facts.specialists import FactsSettings
 
 METHODS = ("calm", "lora", "full")
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
+SCHEDULERS = ("cosine", "linear", "constant")
 
 
 @dataclass
@@ -41,8 +42,6 @@ class DataSchema(DataConfig):
     # When set, the data are generated in memory by this experiment's generator (comm_cli.data.build)
     # instead of read with `datasets.load_dataset`.
     synthetic: str | None = None
-    kv: KVTaskConfig = field(default_factory=KVTaskConfig)
-    facts: FactsTaskConfig = field(default_factory=FactsTaskConfig)
 
 
 @dataclass
@@ -126,7 +125,10 @@ class LoggerConfig:
 
 @dataclass
 class TrainConfig:
-    name: str = "kv_arithmetic"  # the run's name: its directory is <output_root>/<name>
+    # Which settings this run started from: "custom" (comm's general defaults for a pair of your
+    # own) or the experiment preset chosen with experiment=NAME (it sets this key).
+    experiment: str = "custom"
+    name: str = "run"  # the run's name: its directory is <output_root>/<name>
     output_root: str = "outputs"
     output_dir: str | None = None  # None: Hydra's run directory (hydra.run.dir / the sweep job's)
     resume: str | None = None  # null | auto | PATH to a checkpoint directory
@@ -149,8 +151,19 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    kv: KVSpecialistsConfig = field(default_factory=KVSpecialistsConfig)
-    facts: FactsConfig = field(default_factory=FactsConfig)
+
+
+@dataclass
+class BaseModelChoice(ModelSpec):
+    """comm-eval's anchor / augment: a model spec whose ``name_or_path`` may stay unset, since a
+    saved composition names its own bases (set it to evaluate a base model alone, or to load a
+    composition's base from another place)."""
+
+    name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name_or_path is not None:
+            super().__post_init__()
 
 
 @dataclass
@@ -221,8 +234,8 @@ class EvalConfig:
     # adapter at `checkpoint`), full (a fine-tuned model directory at `checkpoint`)
     model: str = "calm"
     checkpoint: str | None = None
-    anchor: ModelSpec = MISSING
-    augment: ModelSpec = MISSING
+    anchor: BaseModelChoice = field(default_factory=BaseModelChoice)
+    augment: BaseModelChoice = field(default_factory=BaseModelChoice)
     tokenizer: str | None = None
     tasks: dict[str, EvalTask] = field(default_factory=dict)
     harness: HarnessConfig = field(default_factory=HarnessConfig)
@@ -233,8 +246,6 @@ class EvalConfig:
     # with model=calm: also evaluate with the bridges switched off (the anchor's skills kept)
     bridges_off: bool = False
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    kv: KVSpecialistsConfig = field(default_factory=KVSpecialistsConfig)
-    facts: FactsConfig = field(default_factory=FactsConfig)
     sample_predictions: int = 20  # rows of the predictions table sent to the tracker
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str | None = None  # override the bases' dtype (e.g. bfloat16 on a GPU)
@@ -297,7 +308,9 @@ TRAIN_RULES: tuple[Rule, ...] = (
     ("trainer.keep_last", _at_least(0), "how many checkpoints to keep (0 keeps all)"),
     ("trainer.num_workers", _at_least(0), "0 or more data-loading processes"),
     ("trainer.num_threads", _optional(_at_least(1)), "a positive number of CPU threads, or null"),
-    ("method.name", _one_of("calm", "lora", "full"), "one of calm, lora, full"),
+    ("method.name", _one_of(*METHODS), f"one of {', '.join(METHODS)}"),
+    ("optimizer.name", _one_of(*OPTIMIZERS), f"one of {', '.join(OPTIMIZERS)}"),
+    ("scheduler.name", _one_of(*SCHEDULERS), f"one of {', '.join(SCHEDULERS)}"),
     ("method.lora.r", _optional(_at_least(1)), "a positive LoRA rank, or null to match the bridges' budget"),
     ("method.lora.dropout", _fraction, "a dropout probability in [0, 1)"),
     ("optimizer.lr", _positive, "a positive learning rate"),
@@ -376,36 +389,61 @@ def check_eval_values(cfg: EvalConfig) -> None:
         check_values(task, EVAL_TASK_RULES, prefix=f"tasks.{name}.")
 
 
-def _kv_settings_hash(node) -> str:
-    """``${comm_kv_hash:${kv.specialists}}``: the specialists' settings hash, so that specialists
-    built with other settings live in another directory (a saved composition that names
-    ``<kv.dir>/anchor`` keeps pointing at the weights it was trained with)."""
-    from omegaconf import OmegaConf
+def build_schemas() -> tuple[type, type]:
+    """The train and eval config classes with every registered experiment's sections added
+    (``Optional``, null by default: a config that uses an experiment sets its section)."""
+    from dataclasses import make_dataclass
+    from typing import Optional
 
-    data = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node
-    return SpecialistSettings.from_dict(data).hash()
+    experiments = registry.experiments()
+    data_fields = [
+        # typing.Optional, not `X | None`: OmegaConf reads the former at run time
+        (e.data_section, Optional[e.data_schema], field(default=None))  # noqa: UP045
+        for e in experiments
+        if e.data_section
+    ]
+    data = make_dataclass("DataSchema", data_fields, bases=(DataSchema,))
+    task = make_dataclass("EvalTask", [("data", data, field(default_factory=data))], bases=(EvalTask,))
+    sections = [
+        (e.section, Optional[e.section_schema], field(default=None))  # noqa: UP045
+        for e in experiments
+        if e.section
+    ]
+    train = make_dataclass(
+        "TrainConfig", [("data", data, field(default_factory=data)), *sections], bases=(TrainConfig,)
+    )
+    evaluate = make_dataclass(
+        "EvalConfig",
+        [("tasks", dict[str, task], field(default_factory=dict)), *sections],
+        bases=(EvalConfig,),
+    )
+    return train, evaluate
 
 
-def _facts_settings_hash(node) -> str:
-    """``${comm_facts_hash:${facts.settings}}``: the real-facts bases of other settings live in
-    another directory."""
-    from omegaconf import OmegaConf
+_SCHEMAS: dict[str, type] = {}
 
-    data = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node
-    return FactsSettings.from_dict(data).hash()
+
+def train_schema() -> type:
+    """The train config class as last registered (``register_schemas``)."""
+    return _SCHEMAS.get("train") or build_schemas()[0]
+
+
+def eval_schema() -> type:
+    return _SCHEMAS.get("eval") or build_schemas()[1]
 
 
 def register_schemas() -> None:
-    """Make the schemas available to Hydra's defaults lists (``- train_schema``) and register
-    comm's resolvers."""
+    """Make the schemas (with the experiments registered so far) available to Hydra's defaults
+    lists (``- train_schema``) and register the experiments' resolvers."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("comm_kv_hash"):
-        OmegaConf.register_new_resolver("comm_kv_hash", _kv_settings_hash)
-    if not OmegaConf.has_resolver("comm_facts_hash"):
-        OmegaConf.register_new_resolver("comm_facts_hash", _facts_settings_hash)
-
+    for experiment in registry.experiments():
+        for name, resolver in experiment.resolvers.items():
+            if not OmegaConf.has_resolver(name):
+                OmegaConf.register_new_resolver(name, resolver)
+    train, evaluate = build_schemas()
+    _SCHEMAS.update(train=train, eval=evaluate)
     store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
-    store.store(name="eval_schema", node=EvalConfig)
+    store.store(name="train_schema", node=train)
+    store.store(name="eval_schema", node=evaluate)

@@ -17,13 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 from comm_cli.cli import (
     check_override_keys,
     config_dir,
+    register_configs,
     reset_accelerate_state,
     resolve_output_dir,
     run_hydra,
     run_reporting_errors,
     task_started,
+    to_typed,
 )
-from comm_cli.schema import TrainConfig, check_train_values, register_schemas
+from comm_cli.schema import check_train_values, train_schema
 
 PROGRAM = "comm-train"
 GROUPS = {
@@ -39,13 +41,13 @@ GROUPS = {
     "experiment",
 }
 
-register_schemas()
+register_configs()
 
 
 def run(cfg: DictConfig) -> dict:
     """Train from a composed config (also what tests call)."""
     from comm_cli.data.loading import check_local_data
-    from comm_cli.experiments import prepare
+    from comm_cli.registry import prepare
     from comm_cli.training.recipe import TrainRecipe
 
     typed = to_typed(cfg)
@@ -63,21 +65,6 @@ def run(cfg: DictConfig) -> dict:
             reset_accelerate_state()
 
 
-def to_typed(cfg: DictConfig) -> TrainConfig:
-    """The typed config; dataclass checks (e.g. a mapping with two forms) raise ConfigErrors, and
-    so does a required value left unset."""
-    from omegaconf.errors import MissingMandatoryValue
-
-    from comm_cli.errors import ConfigError
-
-    try:
-        return OmegaConf.to_object(cfg)
-    except MissingMandatoryValue as err:
-        raise ConfigError(
-            f"{err.full_key} is not set: give it on the command line or in a config file"
-        ) from err
-
-
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     task_started()
@@ -86,7 +73,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    check_override_keys(PROGRAM, sys.argv[1:], TrainConfig, GROUPS)
+    check_override_keys(PROGRAM, sys.argv[1:], train_schema(), GROUPS)
     run_hydra(PROGRAM, _hydra_main)
 
 

@@ -184,10 +184,6 @@ def _eval_args(ws, composition, root, name):
         f"checkpoint={composition}",
         f"anchor.name_or_path={ws['anchor']}",
         f"augment.name_or_path={ws['augment']}",
-        "~task@tasks.kv_arithmetic_heldout",
-        "~task@tasks.kv_substitution_heldout",
-        "~task@tasks.numeric_arithmetic",
-        "~task@tasks.key_lookup",
         "logger=none",
     ]
 

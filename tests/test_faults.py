@@ -321,11 +321,11 @@ def test_hydras_own_config_errors_are_one_line_and_exit_2(ws, tmp_path, capsys, 
     ],
 )
 def test_comm_eval_checks_paths_before_building_anything(tmp_path, capsys, override, expected):
-    """The default tasks need the key-value specialists; a bad path must fail before they are built."""
+    """The key-value suite needs the specialists; a bad path must fail before they are built."""
     from comm_cli.eval import main as eval_main
 
     kv_dir = tmp_path / "kv"
-    args = [f"output_root={tmp_path}", f"kv.dir={kv_dir}", "logger=none", override]
+    args = [f"output_root={tmp_path}", "suite=kv_arithmetic", f"kv.dir={kv_dir}", "logger=none", override]
     if override.startswith("+task"):
         args += ["tasks.mine.data.data_files=/no/such/qa.jsonl", f"checkpoint={tmp_path}"]
     started = time.perf_counter()

@@ -23,12 +23,7 @@ from comm_cli.losses import next_token_loss  # noqa: E402
 from tests.helpers import REPO, build_composition, build_workspace, cli_env, run_in_process  # noqa: E402
 
 TASKS = REPO / "tests" / "harness_tasks"
-NO_KV_TASKS = [
-    "~task@tasks.kv_arithmetic_heldout",
-    "~task@tasks.kv_substitution_heldout",
-    "~task@tasks.numeric_arithmetic",
-    "~task@tasks.key_lookup",
-]
+NO_KV_TASKS = []
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Building the key-value specialists: determinism, the saved layout, caching, and partial builds.
 
-Every build here is the tiny one (``SpecialistSettings.tiny``): seconds, not accuracy.
+Every build here is the tiny one (``KVSpecialistSettings.tiny``): seconds, not accuracy.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ from safetensors.torch import load_file
 
 from comm_cli.data.char_tokenizer import build_char_tokenizer
 from comm_cli.errors import OutputDirError
+from comm_cli.experiments.kv_arithmetic import config as kv_config
+from comm_cli.experiments.kv_arithmetic import scoring as kv_scoring
 from comm_cli.experiments.kv_arithmetic import specialists as ks
 from comm_cli.experiments.kv_arithmetic import tasks as kv
+from comm_cli.experiments.kv_arithmetic import training as kv_training
 
 
-def tiny(seed: int = 0) -> ks.SpecialistSettings:
-    return ks.SpecialistSettings.tiny(seed)
+def tiny(seed: int = 0) -> kv_config.KVSpecialistSettings:
+    return kv_config.KVSpecialistSettings.tiny(seed)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +73,8 @@ def test_the_anchor_never_sees_a_value():
         composition_keys=world.composition_keys,
         heldout_keys=world.heldout_keys,
     )
-    a, _ = ks._train_anchor(world, tokenizer, settings)
-    b, _ = ks._train_anchor(shifted, tokenizer, settings)
+    a, _ = kv_training.train_anchor(world, tokenizer, settings)
+    b, _ = kv_training.train_anchor(shifted, tokenizer, settings)
     assert _same(a.state_dict(), b.state_dict())
 
 
@@ -146,15 +149,15 @@ def test_changed_settings_rebuild(copy_of):
 def test_the_default_causal_hashes_stay_those_of_the_published_tables():
     """The README's tables and the cached builds are under these hashes: a recipe change for one
     kind of build must not rebuild the others."""
-    assert ks.SpecialistSettings().hash() == "daf63f2833f78ce9"
-    assert ks.SpecialistSettings(anchor_tokenizer="bpe").hash() == "eaffa2a31c8e15ff"
+    assert kv_config.KVSpecialistSettings().hash() == "daf63f2833f78ce9"
+    assert kv_config.KVSpecialistSettings(anchor_tokenizer="bpe").hash() == "eaffa2a31c8e15ff"
 
 
 def test_the_encoder_recipe_has_its_own_version(monkeypatch):
     encoder = tiny(0)
     encoder.augment.kind = "encoder"
     before = encoder.hash(), tiny(0).hash()
-    monkeypatch.setattr(ks, "ENCODER_RECIPE_VERSION", ks.ENCODER_RECIPE_VERSION + 1)
+    monkeypatch.setattr(kv_config, "ENCODER_RECIPE_VERSION", kv_config.ENCODER_RECIPE_VERSION + 1)
     assert encoder.hash() != before[0] and tiny(0).hash() == before[1]
 
 
@@ -170,7 +173,7 @@ def test_the_encoder_augment_builds_as_a_modernbert_composable_in_prompt_mode(tm
     model = AutoModelForMaskedLM.from_pretrained(paths.augment)
     assert model.config.model_type == "modernbert" and is_encoder(model.config)
     assert model.config.initializer_range == settings.augment.width**-0.5
-    assert paths.manifest["encoder_recipe_version"] == ks.ENCODER_RECIPE_VERSION
+    assert paths.manifest["encoder_recipe_version"] == kv_config.ENCODER_RECIPE_VERSION
     assert set(paths.manifest["augment"]["accuracy"]) == {"lookup_all_keys", "lookup_in_heldout_expression"}
 
 
@@ -264,7 +267,7 @@ def test_greedy_generate_matches_transformers_generate(built):
     tokenizer = build_char_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(built / "anchor").eval()
     prompts = ["4+7-3=", "qz+a;=1+2=", "abc+xyz="]
-    ours = ks.greedy_generate(model, tokenizer, prompts, max_new_tokens=5)
+    ours = kv_scoring.greedy_generate(model, tokenizer, prompts, max_new_tokens=5)
     for prompt, text in zip(prompts, ours):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         out = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=tokenizer.eos_token_id)
@@ -302,7 +305,7 @@ def test_build_workers_die_with_the_build(tmp_path):
     script = (
         "import sys; sys.path.insert(0, {!r})\n"
         "from comm_cli.experiments.kv_arithmetic import specialists as ks\n"
-        "s = ks.SpecialistSettings.tiny(0); s.augment.steps = s.anchor.steps = 100000\n"
+        "s = kv_config.KVSpecialistSettings.tiny(0); s.augment.steps = s.anchor.steps = 100000\n"
         "ks.build_specialists({!r}, s)\n"
     ).format(str(Path(__file__).resolve().parents[1]), str(tmp_path / "build"))
     parent = subprocess.Popen([sys.executable, "-c", script])

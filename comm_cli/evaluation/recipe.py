@@ -65,7 +65,14 @@ def check_inputs(cfg) -> None:
             raise ModelLoadError(
                 f"'{cfg.checkpoint}' has no {WEIGHTS_NAME}: the composition was not saved completely"
             )
-    elif cfg.model in ("lora", "full") and (not cfg.checkpoint or not Path(cfg.checkpoint).is_dir()):
+    if cfg.model in ("anchor", "augment", "lora"):
+        which = "augment" if cfg.model == "augment" else "anchor"
+        if getattr(cfg, which).name_or_path is None:
+            raise ConfigError(
+                f"model={cfg.model} needs the {which}: give {which}.name_or_path=<hub id or directory> "
+                f"(or a preset, {which}=NAME)"
+            )
+    if cfg.model in ("lora", "full") and (not cfg.checkpoint or not Path(cfg.checkpoint).is_dir()):
         raise ModelLoadError(
             f"model={cfg.model} needs checkpoint=<directory written by comm-train method={cfg.model}>, "
             f"got {cfg.checkpoint}"

@@ -17,7 +17,10 @@ logger = logging.getLogger(__name__)
 
 
 def uses_kv_specialists(cfg) -> bool:
-    """Whether a train or eval config reads anything from ``kv.dir``."""
+    """Whether a train or eval config reads anything from ``kv.dir`` (a config without the kv
+    section reads nothing of the experiment)."""
+    if getattr(cfg, "kv", None) is None:
+        return False
     kv_dir = str(Path(cfg.kv.dir).expanduser())
     names = _models_in_use(cfg)
     datas = [getattr(cfg, "data", None)] + [task.data for task in getattr(cfg, "tasks", {}).values()]
