@@ -31,32 +31,28 @@ def build_models(args, dtype, device):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     preset = PRESETS[args.preset]
-    aw, al, ah, akv, ai = preset["anchor"]
-    uw, ul, uh, ukv, ui = preset["augment"]
     vocab = args.vocab or preset["vocab"]
-    anchor_cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=args.anchor_width or aw,
-        num_hidden_layers=args.anchor_layers or al,
-        num_attention_heads=ah,
-        num_key_value_heads=akv,
-        intermediate_size=ai,
-        max_position_embeddings=4096,
-    )
-    augment_cfg = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=args.augment_width or uw,
-        num_hidden_layers=args.augment_layers or ul,
-        num_attention_heads=uh,
-        num_key_value_heads=ukv,
-        intermediate_size=ui,
-        max_position_embeddings=4096,
-    )
+    anchor_cfg = _config(LlamaConfig, preset["anchor"], vocab, args.anchor_width, args.anchor_layers)
+    augment_cfg = _config(Qwen2Config, preset["augment"], vocab, args.augment_width, args.augment_layers)
     torch.manual_seed(0)
     with torch.device(device):  # initialise where the model will run (fast for ~1B on a GPU)
         anchor = AutoModelForCausalLM.from_config(anchor_cfg, dtype=dtype).eval()
         augment = AutoModelForCausalLM.from_config(augment_cfg, dtype=dtype).eval()
     return anchor, augment
+
+
+def _config(config_class, shape, vocab: int, width: int | None, layers: int | None):
+    """A transformers config from a preset's shape, ``--*-width`` / ``--*-layers`` overriding it."""
+    preset_width, preset_layers, heads, kv_heads, intermediate = shape
+    return config_class(
+        vocab_size=vocab,
+        hidden_size=width or preset_width,
+        num_hidden_layers=layers or preset_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=4096,
+    )
 
 
 def mapping_and_bridge(args) -> tuple[MappingSpec, BridgeConfig]:
