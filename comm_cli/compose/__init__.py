@@ -6,6 +6,7 @@ from comm_cli.compose.composed import (
     ComposedModel,
     CompositionCache,
     CompositionOutput,
+    cache_kwarg,
     check_config,
 )
 from comm_cli.compose.generation import GenerationOutput, generate
@@ -26,6 +27,7 @@ __all__ = [
     "MappingSpec",
     "ModelSpec",
     "WEIGHTS_NAME",
+    "cache_kwarg",
     "check_config",
     "find_blocks",
     "generate",

@@ -108,7 +108,7 @@ class _ActiveBridges:
         return self.masks_by_device[key]
 
 
-def _cache_kwarg(model: nn.Module) -> str:
+def cache_kwarg(model: nn.Module) -> str:
     """transformers renamed ``past_key_values`` to ``cache``; use whichever this version takes."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -139,7 +139,7 @@ class ComposedModel(nn.Module):
         self._anchor_layers = list(anchor_blocks.layers)
         anchor_depth = len(anchor_blocks.layers)
         anchor_dim = hidden_size(anchor.config)
-        self._anchor_cache_kw = _cache_kwarg(anchor)
+        self._anchor_cache_kw = cache_kwarg(anchor)
 
         if len(augments) != len(config.augments):
             raise ConfigError(
@@ -179,7 +179,7 @@ class ComposedModel(nn.Module):
             truncate_blocks(blocks, last + 1)
             base = augment.base_model
             self.augments.append(base)
-            self._augment_cache_kw.append(_cache_kwarg(base))
+            self._augment_cache_kw.append(cache_kwarg(base))
             self._augment_takes_positions.append(takes_position_ids(base))
             layers = sorted({a for a, _ in connections})
             self._capture_layers.append(layers)
