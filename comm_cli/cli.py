@@ -160,17 +160,38 @@ def reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-def run_reporting_errors(program: str, fn: Callable[[], object]) -> object:
+def remove_if_unused(run_dir: str | Path | None) -> None:
+    """Remove a run directory that a failed start left empty (Hydra makes it before the job runs;
+    a lock file alone holds nothing either), so a mistyped command leaves no trace."""
+    if not run_dir or not is_main_process():
+        return
+    path = Path(run_dir)
+    try:
+        entries = list(path.iterdir())
+        if all(entry.name == ".lock" and entry.is_file() for entry in entries):
+            for entry in entries:
+                entry.unlink()
+            path.rmdir()
+    except OSError:
+        pass  # not there, or not empty after all: leave it
+
+
+def run_reporting_errors(program: str, fn: Callable[[], object], run_dir=None) -> object:
     """Run ``fn``; a CommError becomes one line on stderr and exit status 2; a requested stop
-    (SIGTERM/SIGINT, checkpoint written) one line and exit status 75."""
+    (SIGTERM/SIGINT, checkpoint written) one line and exit status 75. A ``run_dir`` that the failed
+    start left empty is removed."""
     try:
         return fn()
     except CommError as err:
+        remove_if_unused(run_dir)
         print(f"{program}: error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     except TrainingStopped as stop:
         print(f"{program}: {stop}", file=sys.stderr, flush=True)
         sys.exit(EXIT_STOPPED)
+    except BaseException:
+        remove_if_unused(run_dir)
+        raise
 
 
 _task = {"started": False}

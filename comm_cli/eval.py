@@ -46,14 +46,16 @@ def run(cfg: DictConfig) -> list[dict]:
 def _hydra_main(cfg: DictConfig) -> None:
     task_started()
     resolve_output_dir(cfg)
-    run_reporting_errors(PROGRAM, lambda: run(cfg))
+    run_reporting_errors(PROGRAM, lambda: run(cfg), run_dir=cfg.output_dir)
 
 
 def main() -> None:
-    from comm_cli.evaluation.from_run import overrides_from_run
+    from comm_cli.evaluation.from_run import output_name, overrides_from_run
 
     # a run's own settings first (its experiment's tasks and sections), the user's after them
-    sys.argv[1:] = overrides_from_run(sys.argv[1:]) + sys.argv[1:]
+    argv = sys.argv[1:]
+    name = output_name(argv)
+    sys.argv[1:] = overrides_from_run(argv) + ([f"name={name}"] if name else []) + argv
     check_override_keys(PROGRAM, sys.argv[1:], eval_schema(), GROUPS)
     run_hydra(PROGRAM, _hydra_main)
 

@@ -204,6 +204,9 @@ class EvalTask:
     regex: str | None = None  # extract=regex: the first group (or the whole match)
     max_examples: int | None = None
     max_new_tokens: int | None = None  # None: generation.max_new_tokens
+    # Generate at most as many tokens as the longest reference has, plus a few (an answer longer
+    # than every reference cannot match it): what your own prompt/completion file gets.
+    fit_to_references: bool = False
     stop: list[str] = field(default_factory=list)  # generation ends at any of these strings
     code: CodeTaskConfig = field(default_factory=CodeTaskConfig)
 
@@ -238,13 +241,18 @@ class EvalConfig:
     augment: BaseModelChoice = field(default_factory=BaseModelChoice)
     tokenizer: str | None = None
     tasks: dict[str, EvalTask] = field(default_factory=dict)
+    # Your own prompt/completion data, scored with loss and exact match (normalised text) as a task
+    # named after the file: comm-eval checkpoint=DIR data.data_files=test.jsonl. With a run's
+    # checkpoint its training data settings (fields, format, length) are the defaults.
+    data: DataSchema = field(default_factory=DataSchema)
     harness: HarnessConfig = field(default_factory=HarnessConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     # Code benchmarks run model-generated programs on this machine (each in its own process with
     # time and memory limits and no network); they run only when this is true.
     execute_untrusted_code: bool = False
-    # with model=calm: also evaluate with the bridges switched off (the anchor's skills kept)
-    bridges_off: bool = False
+    # with model=calm: also evaluate with the bridges switched off (the anchor's skills kept);
+    # null: on when scoring your own data (data.data_files), off otherwise
+    bridges_off: bool | None = None
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sample_predictions: int = 20  # rows of the predictions table sent to the tracker
     device: str | None = None  # None: cuda when available, else cpu
@@ -414,7 +422,11 @@ def build_schemas() -> tuple[type, type]:
     )
     evaluate = make_dataclass(
         "EvalConfig",
-        [("tasks", dict[str, task], field(default_factory=dict)), *sections],
+        [
+            ("tasks", dict[str, task], field(default_factory=dict)),
+            ("data", data, field(default_factory=data)),
+            *sections,
+        ],
         bases=(EvalConfig,),
     )
     return train, evaluate

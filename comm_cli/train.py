@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> dict:
 def _hydra_main(cfg: DictConfig) -> None:
     task_started()
     resolve_output_dir(cfg)
-    run_reporting_errors(PROGRAM, lambda: run(cfg))
+    run_reporting_errors(PROGRAM, lambda: run(cfg), run_dir=cfg.output_dir)
 
 
 def main() -> None:

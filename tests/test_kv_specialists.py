@@ -201,7 +201,7 @@ def test_a_build_killed_midway_leaves_nothing_that_looks_complete(tmp_path, monk
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # stands in for a kill while the anchor trains
 
-    monkeypatch.setattr(ks, "_train_anchor", killed)
+    monkeypatch.setattr(kv_training, "train_anchor", killed)
     in_process = tiny(0)
     in_process.processes = 1  # the patch reaches this process only
     with pytest.raises(KeyboardInterrupt):
@@ -305,7 +305,8 @@ def test_build_workers_die_with_the_build(tmp_path):
     script = (
         "import sys; sys.path.insert(0, {!r})\n"
         "from comm_cli.experiments.kv_arithmetic import specialists as ks\n"
-        "s = kv_config.KVSpecialistSettings.tiny(0); s.augment.steps = s.anchor.steps = 100000\n"
+        "from comm_cli.experiments.kv_arithmetic.config import KVSpecialistSettings\n"
+        "s = KVSpecialistSettings.tiny(0); s.augment.steps = s.anchor.steps = 100000\n"
         "ks.build_specialists({!r}, s)\n"
     ).format(str(Path(__file__).resolve().parents[1]), str(tmp_path / "build"))
     parent = subprocess.Popen([sys.executable, "-c", script])

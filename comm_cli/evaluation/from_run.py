@@ -52,8 +52,11 @@ def overrides_from_run(argv: list[str]) -> list[str]:
     if run is None:
         return []
     out = []
-    # a suite of the user's own replaces the run's; added tasks (+task@tasks.x=...) join it
-    picks_tasks = _touches(argv, ("suite",))
+    own_data = _touches(argv, ("data",))
+    if own_data:
+        out += _data_reading(run.get("data") or {}, argv)
+    # a suite of the user's own (or your own data) replaces the run's; added tasks join it
+    picks_tasks = own_data or _touches(argv, ("suite",))
     for experiment in registry.experiments():
         section = run.get(experiment.section) if experiment.section else None
         if section is None:
@@ -64,6 +67,50 @@ def overrides_from_run(argv: list[str]) -> list[str]:
         if not _touches(argv, (experiment.section,)):
             out.append(f"{experiment.section}={hydra_value(section)}")
     return out
+
+
+# How a run read its examples: your evaluation file is read the same way unless you say otherwise.
+READING = ("format", "prompt_field", "completion_field", "text_field", "max_length", "add_bos", "add_eos")
+
+
+def _data_reading(data: dict, argv: list[str]) -> list[str]:
+    if data.get("synthetic") is not None:
+        return []
+    return [
+        f"data.{key}={hydra_value(data[key])}"
+        for key in READING
+        if key in data and not _touches(argv, (f"data.{key}",))
+    ]
+
+
+FINAL_DIRS = ("composition", "adapter", "model")  # what comm-train saves in a run directory
+
+
+def output_name(argv: list[str]) -> str | None:
+    """``name=`` for an evaluation the user did not name: named for what it evaluates (the run
+    behind a checkpoint, or the base model), and a fresh directory when an earlier evaluation of
+    the same thing is there (``eval_run``, ``eval_run-2``, ...), so results never overwrite each
+    other. None when the command line names it."""
+    if _value_of(argv, "name") is not None:
+        return None
+    kind = _value_of(argv, "model") or "calm"
+    checkpoint = _value_of(argv, "checkpoint")
+    if kind in ("anchor", "augment"):
+        source = _value_of(argv, f"{kind}.name_or_path") or _value_of(argv, kind) or "model"
+        what = f"{kind}_{Path(source.rstrip('/')).name}"
+    elif checkpoint:
+        path = Path(checkpoint.rstrip("/"))
+        what = path.parent.name if path.name in FINAL_DIRS and path.parent.name else path.name
+        what = what if kind == "calm" else f"{kind}_{what}"
+    else:
+        return None
+    what = "".join(c if c.isalnum() or c in "-_." else "_" for c in what)
+    root = Path(_value_of(argv, "output_root") or "outputs")
+    name, number = f"eval_{what}", 1
+    while (root / name).exists() and any((root / name).iterdir()):
+        number += 1
+        name = f"eval_{what}-{number}"
+    return name
 
 
 def hydra_value(value) -> str:

@@ -154,6 +154,11 @@ class TaskRunner:
         references = [str(c) for c in rows[completion_field]]
         samples = self.generation.num_samples if self.generation.do_sample else 1
         max_new = self.generation.max_new_tokens if task.max_new_tokens is None else task.max_new_tokens
+        if task.fit_to_references and references:
+            longest = max(
+                len(ids) for ids in self.tokenizer(references, add_special_tokens=False)["input_ids"]
+            )
+            max_new = min(max_new, longest + 8)
         predictions = self.generate(name, prompts, task.data.add_bos, max_new, list(task.stop))
         extract = M.extractor(task.extract, task.regex)
         first = [p[0] for p in predictions]
