@@ -325,9 +325,11 @@ def test_answer_attention_looks_from_the_token_before_the_city(tiny_bases, tmp_p
 
 
 def test_the_experiment_is_found_from_the_config():
+    from comm_cli import registry
     from comm_cli.data.build import synthetic_source
-    from comm_cli.experiments import EXPERIMENTS
+    from comm_cli.experiments import builtin_names, load
 
-    assert "real_facts" in EXPERIMENTS
+    load()
+    assert "real_facts" in builtin_names() and registry.get("real_facts").section == "facts"
     assert synthetic_source("real_facts").__name__ == "comm_cli.experiments.real_facts.data"
     assert json.loads(json.dumps(COUNTRY_OF))["Lyon"] == "France"
