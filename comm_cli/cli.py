@@ -32,6 +32,34 @@ def config_dir() -> str:
     )
 
 
+def help_if_asked(program: str, argv: list[str]) -> None:
+    """``--help`` / ``-h``: comm's own page for the command (``comm_cli.help``), then exit 0."""
+    if "--help" in argv or "-h" in argv:
+        from comm_cli.help import page
+
+        print(page(program, config_dir()))
+        sys.exit(0)
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Library progress bars (datasets' map, transformers' weight loading and saving) and their
+    INFO logs only with verbose=true: the console keeps comm's own lines and its progress bar."""
+    if verbose:
+        return
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def register_configs() -> None:
     """Before a config is composed: register the experiments (built-in and plugged in), the
     schema built from them, their resolvers, and the Hydra config directories plugins ship."""

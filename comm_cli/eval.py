@@ -15,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from comm_cli.cli import (
     check_override_keys,
     config_dir,
+    help_if_asked,
+    quiet_libraries,
     register_configs,
     resolve_output_dir,
     run_hydra,
@@ -36,6 +38,7 @@ def run(cfg: DictConfig) -> list[dict]:
     from comm_cli.registry import prepare
 
     typed = to_typed(cfg)
+    quiet_libraries(typed.verbose)
     check_eval_values(typed)
     check_inputs(typed)  # checkpoint and data files, before an experiment builds anything
     prepare(typed)
@@ -50,6 +53,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    help_if_asked(PROGRAM, sys.argv[1:])
     from comm_cli.evaluation.from_run import output_name, overrides_from_run
 
     # a run's own settings first (its experiment's tasks and sections), the user's after them

@@ -134,6 +134,7 @@ class TrainConfig:
     resume: str | None = None  # null | auto | PATH to a checkpoint directory
     overwrite: bool = False  # replace a run directory that holds another run
     seed: int = 0
+    verbose: bool = False  # library progress bars and INFO logs on the console too
     anchor: ModelSpec = MISSING
     augment: ModelSpec = MISSING
     mapping: MappingSpec = MISSING
@@ -233,6 +234,7 @@ class EvalConfig:
     output_root: str = "outputs"
     output_dir: str | None = None  # None: Hydra's run directory (hydra.run.dir / the sweep job's)
     seed: int = 0
+    verbose: bool = False  # library progress bars and INFO logs on the console too
     # what to evaluate: calm (a saved composition at `checkpoint`), anchor, augment, lora (a PEFT
     # adapter at `checkpoint`), full (a fine-tuned model directory at `checkpoint`)
     model: str = "calm"

@@ -17,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from comm_cli.cli import (
     check_override_keys,
     config_dir,
+    help_if_asked,
+    quiet_libraries,
     register_configs,
     reset_accelerate_state,
     resolve_output_dir,
@@ -51,6 +53,7 @@ def run(cfg: DictConfig) -> dict:
     from comm_cli.training.recipe import TrainRecipe
 
     typed = to_typed(cfg)
+    quiet_libraries(typed.verbose)
     check_train_values(typed)
     check_local_data(typed.data)
     prepare(typed)
@@ -73,6 +76,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    help_if_asked(PROGRAM, sys.argv[1:])
     check_override_keys(PROGRAM, sys.argv[1:], train_schema(), GROUPS)
     run_hydra(PROGRAM, _hydra_main)
 
