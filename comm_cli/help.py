@@ -19,14 +19,30 @@ PAGES = {
                 "comm-train anchor.name_or_path=ANCHOR augment.name_or_path=AUGMENT data.data_files=train.jsonl",
                 "your pair (hub ids or directories), comm's general settings",
             ),
-            ("comm-train anchor=qwen2_5_1_5b augment=qwen2_5_coder_0_5b data.data_files=train.jsonl", "presets"),
+            (
+                "comm-train anchor=qwen2_5_1_5b augment=qwen2_5_coder_0_5b data.data_files=train.jsonl",
+                "presets",
+            ),
             ("comm-train experiment=kv_arithmetic", "the paper's key-value experiment (a built-in)"),
             ("comm-train ... method=lora", "the LoRA baseline on the same data"),
             ("comm-train ... resume=auto", "continue a stopped run from its newest checkpoint"),
-            ("comm-launch ddp anchor=... augment=... data.data_files=train.jsonl", "every GPU of this machine"),
+            (
+                "comm-launch ddp anchor=... augment=... data.data_files=train.jsonl",
+                "every GPU of this machine",
+            ),
         ],
-        "groups": ["experiment", "anchor", "augment", "mapping", "data", "method", "optimizer", "scheduler",
-                   "trainer", "logger"],  # fmt: skip
+        "groups": [
+            "experiment",
+            "anchor",
+            "augment",
+            "mapping",
+            "data",
+            "method",
+            "optimizer",
+            "scheduler",
+            "trainer",
+            "logger",
+        ],  # fmt: skip
         "added": {"size": "+size=NAME shrinks a key-value experiment (plumbing checks)"},
     },
     "comm-eval": {
@@ -35,12 +51,20 @@ PAGES = {
             "prints a table and writes results.json in outputs/eval_<what it evaluated>."
         ),
         "examples": [
-            ("comm-eval checkpoint=outputs/run/composition data.data_files=test.jsonl",
-             "loss and exact match on your file, bridges on and off"),
+            (
+                "comm-eval checkpoint=outputs/run/composition data.data_files=test.jsonl",
+                "loss and exact match on your file, bridges on and off",
+            ),
             ("comm-eval checkpoint=outputs/kv_arithmetic/composition", "a run, with its experiment's tasks"),
-            ("comm-eval model=anchor anchor.name_or_path=ANCHOR data.data_files=test.jsonl", "a base model alone"),
+            (
+                "comm-eval model=anchor anchor.name_or_path=ANCHOR data.data_files=test.jsonl",
+                "a base model alone",
+            ),
             ("comm-eval checkpoint=DIR harness.tasks=[arc_easy,gsm8k]", "lm-evaluation-harness tasks"),
-            ("comm-eval suite=code checkpoint=DIR execute_untrusted_code=true", "HumanEval and MBPP, executed"),
+            (
+                "comm-eval suite=code checkpoint=DIR execute_untrusted_code=true",
+                "HumanEval and MBPP, executed",
+            ),
         ],  # fmt: skip
         "groups": ["suite", "anchor", "augment", "logger"],
         "added": {"task": "+task@tasks.NAME=PRESET adds a task (tasks.NAME.<key>=... sets its options)"},

@@ -209,6 +209,9 @@ class EvalTask:
     # than every reference cannot match it): what your own prompt/completion file gets.
     fit_to_references: bool = False
     stop: list[str] = field(default_factory=list)  # generation ends at any of these strings
+    # Pose each prompt as a user turn of the anchor's chat template (instruct models); a code task
+    # then asks for the code in a ```python block and runs the code of the reply.
+    chat_template: bool = False
     code: CodeTaskConfig = field(default_factory=CodeTaskConfig)
 
 
