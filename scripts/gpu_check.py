@@ -348,7 +348,8 @@ def judge_train(result: dict) -> list[str]:
     failures = [] if result["cache_used"] else ["cache_used"]
     if result["steps"] == 0 or len(result["cached_losses"]) != result["steps"]:
         failures.append("steps")
-    if result["max_loss_diff"] > 1e-3:  # the log prints 4 decimals
+    # bf16 rounding: the cache's states come from a forward over other batches (other kernels)
+    if result["max_loss_diff"] > TOLERANCES["bfloat16"]["loss"]:
         failures.append("max_loss_diff")
     return failures
 
