@@ -10,7 +10,8 @@ README's definition, kept there alone), tokens/s, peak memory against the same s
 every logit, and the loss and bridge gradients against the torch backend's (a backend that is
 fast but wrong must not become ``COMM_LINEAR_CE=auto``'s first choice). A backend that cannot run
 here (a CPU, a library not installed) is recorded as skipped with the reason ``select_backend``
-gives; ``measured_order`` is the backends that agree with torch, fastest first.
+gives, one that fails (a library's API or kernel) as failed with its error, and the others still
+run; ``measured_order`` is the backends that agree with torch, fastest first.
 """
 
 from __future__ import annotations
@@ -53,18 +54,18 @@ def loss_backend(name: str | None):
 def usable_backends(variants) -> tuple[list[str], dict]:
     """The backends that can run here, and for the others why not (select_backend's words)."""
     head = output_head(variants.anchor)
-    usable, skipped = [], {}
+    usable, not_run = [], {}
     for name in BACKENDS:
         try:
             select_backend(variants.device, head, name)
         except ConfigError as error:
             needs_cuda = variants.device.type != "cuda"
-            skipped[name] = {"status": "skipped", "reason": "needs CUDA" if needs_cuda else str(error)}
+            not_run[name] = {"status": "skipped", "reason": "needs CUDA" if needs_cuda else str(error)}
         else:
             usable.append(name)
     with loss_backend(None):
         auto = select_backend(variants.device, head) if head is not None else "torch"
-    return usable, {"skipped": skipped, "auto_selects": auto}
+    return usable, {"not_run": not_run, "auto_selects": auto}
 
 
 def loss_and_gradients(variants) -> tuple[float, torch.Tensor]:
@@ -79,15 +80,21 @@ def loss_and_gradients(variants) -> tuple[float, torch.Tensor]:
     return float(out.loss.detach()), grads
 
 
-def agreement(variants, backends: list[str]) -> dict:
-    """Each backend's loss and gradients against the torch backend's, on the same batch."""
+def agreement(variants, backends: list[str]) -> tuple[dict, dict]:
+    """Each backend's loss and gradients against the torch backend's, on the same batch; and the
+    backends that failed (a library's API or kernel), so that they cost the others nothing."""
     reference = None
-    out = {}
+    out, failed = {}, {}
     for name in ["torch", *[b for b in backends if b != "torch"]]:
         if name not in backends:
             continue
-        with loss_backend(name):
-            loss, grads = loss_and_gradients(variants)
+        try:
+            with loss_backend(name):
+                loss, grads = loss_and_gradients(variants)
+        except Exception as error:  # recorded with the reason; the other backends still run
+            failed[name] = {"status": "failed", "reason": f"{type(error).__name__}: {error}"[:500]}
+            variants.optimizer.zero_grad(set_to_none=True)
+            continue
         if reference is None:
             reference = (loss, grads)
         ref_loss, ref_grads = reference
@@ -97,7 +104,7 @@ def agreement(variants, backends: list[str]) -> dict:
             "grad_rel_diff": float((grads - ref_grads).norm() / ref_grads.norm().clamp_min(1e-12)),
         }
         del grads
-    return out
+    return out, failed
 
 
 def one_length(args, device, seq: int) -> dict:
@@ -105,7 +112,9 @@ def one_length(args, device, seq: int) -> dict:
     case = with_values(args, seq=seq, batch=batch, prompt_fraction=args.case_prompt_fraction)
     variants = Variants(case, device, lean=True)
     backends, notes = usable_backends(variants)
-    agree = agreement(variants, backends)
+    agree, failed = agreement(variants, backends)
+    notes["not_run"].update(failed)
+    backends = [name for name in backends if name in agree]
 
     def step_with(name):
         def step():
@@ -127,7 +136,7 @@ def one_length(args, device, seq: int) -> dict:
     rows = {}
     for name in BACKENDS:
         if name not in backends:
-            rows[name] = notes["skipped"][name]
+            rows[name] = notes["not_run"][name]
             continue
         step = seconds[f"calm_step_{name}"]
         rows[name] = {
