@@ -42,6 +42,10 @@ fresh child process that runs only that variant (RSS cannot be reset within one 
     python scripts/bench.py --preset 1b          # ~1B anchor + ~0.5B augment (for a GPU)
     python scripts/bench.py --sweep              # step time and memory against sequence length
                                                  # and connections -> bench_sweep.json (+ .png)
+    python scripts/bench.py --decoding --preset 1b --device cuda     # per token, batch 1 and 16
+    python scripts/bench.py --throughput --preset 1b --device cuda   # MFU per loss backend
+
+(--decoding and --throughput are the GPU suite's cases: scripts/gpu_suite.py, docs/gpu.md.)
 
 Prints a table and writes bench.json (path printed). Ratios only: no timing is asserted anywhere.
 """
@@ -49,6 +53,7 @@ Prints a table and writes bench.json (path printed). Ratios only: no timing is a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -57,12 +62,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.aligned_case import aligned_case  # noqa: E402
+from benchmarks.decoding_case import decoding_case  # noqa: E402
 from benchmarks.measure import sampled_peak_rss  # noqa: E402
 from benchmarks.models import PRESETS  # noqa: E402
 from benchmarks.prompt_case import prompt_case  # noqa: E402
 from benchmarks.report import table, write_json  # noqa: E402
 from benchmarks.sweep import run_sweep  # noqa: E402
 from benchmarks.text_case import text_case  # noqa: E402
+from benchmarks.throughput_case import throughput_case  # noqa: E402
 from benchmarks.variants import Variants  # noqa: E402
 
 
@@ -111,6 +118,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-repeats", type=int, default=3)
     parser.add_argument("--sweep-out", default="bench_sweep.json")
     parser.add_argument("--plot", default="bench_sweep.png", help="the sweep's picture (needs matplotlib)")
+    parser.add_argument(
+        "--decoding", action="store_true", help="decoding per token only, at every --decode-batches"
+    )
+    parser.add_argument("--decode-batches", default="1,16")
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="with --decoding: time comm's compiled / CUDA-graph decoding step (when comm has one)",
+    )
+    parser.add_argument(
+        "--throughput",
+        action="store_true",
+        help="training throughput only: each COMM_LINEAR_CE backend, MFU, memory against every logit",
+    )
+    parser.add_argument("--throughput-seqs", default="1024,2048")
+    parser.add_argument(
+        "--throughput-tokens", type=int, default=8192, help="tokens a step (batch = this / sequence length)"
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -127,6 +152,11 @@ def main():
         return
     if args.sweep:
         run_sweep(args, device)
+        return
+    if args.decoding or args.throughput:  # the GPU suite's cases (scripts/gpu_suite.py)
+        result = decoding_case(args, device) if args.decoding else throughput_case(args, device)
+        print(json.dumps(result, indent=2))
+        print(f"wrote {write_json(result, args.out)}")
         return
     result = text_case(args, device)
     if not args.no_prompt_case:
