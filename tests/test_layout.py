@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
