@@ -66,7 +66,9 @@ def imports_of(name: str, path: Path, known: dict[str, Path]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([node.module] if node.module else []))
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -159,7 +161,9 @@ def test_the_core_loads_no_experiment_even_transitively():
         f"for name in {core!r}: importlib.import_module(name)\n"
         "print([m for m in sys.modules if m.startswith('comm_cli.experiments')])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=REPO
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
 
@@ -270,7 +274,15 @@ def test_a_third_experiment_plugs_in_from_its_own_package(tmp_path):
     env["ECHO_MARKER"] = str(tmp_path / "prepared.txt")
     args = [a for a in base_args(ws, tmp_path / "runs", "echo") if not a.startswith(("data", "name="))]
     run = subprocess.run(
-        [sys.executable, "-m", "comm_cli.train", "experiment=echo", "name=echo", *args, "trainer.eval_every=null"],
+        [
+            sys.executable,
+            "-m",
+            "comm_cli.train",
+            "experiment=echo",
+            "name=echo",
+            *args,
+            "trainer.eval_every=null",
+        ],
         env=env,
         cwd=tmp_path,
         capture_output=True,
