@@ -662,7 +662,7 @@ class ComposedModel(nn.Module):
                     states = self.augment_states(k, ids, key_valid, positions, own_cache)
                 key_pos = self._aligned_key_positions(scale, inputs, settled, ends_all, real_all)
                 kv.update(self._append_kv(cache, self._keys_values(k, states, key_pos)))
-            else:
+            elif cache is not None:  # no new token: the keys so far (None: none yet, the bridges read nothing)
                 kv.update({i: cache.bridge_kv[i] for i, c in enumerate(self.bridge_connections) if c[0] == k})
             if cache is not None:
                 cache.key_valid[k], cache.key_settled[k] = key_valid, key_settled
