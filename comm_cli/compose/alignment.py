@@ -31,6 +31,7 @@ final once the segment ends: a prompt is complete before anything is generated a
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 from collections.abc import Sequence
@@ -107,11 +108,12 @@ class TokenReader:
         backend_json = json.loads(self._raw.to_str())
         self._unknown_id = _unknown_id(backend_json.get("model") or {})
         self._settle: SettleRule | None = None
+        self._added_ids = frozenset(int(i) for i in self._raw.get_added_tokens_decoder())
         if not settle:
             self.rule = "none"
         else:
             try:
-                self._settle = settle_rule(self._raw, backend_json, list(tokenizer.get_vocab()))
+                self._settle = settle_rule(self._raw, backend_json)
             except Unsupported as reason:
                 raise TokenizerAlignmentError(
                     f"the tokenizer of {name} {reason}, so none of its tokens is final before the text ends and in "
@@ -238,43 +240,120 @@ def _unknown_id(model: dict) -> int | None:
 
 
 def check_final_tokens(
-    reader: TokenReader, segments: Sequence[str], cuts: Sequence[int], whole: TokenizedText | None = None
+    reader: TokenReader,
+    segments: Sequence[str],
+    cuts: Sequence[int],
+    whole: TokenizedText | None = None,
+    full: bool = False,
 ) -> None:
     """The rule holds for this text at these cuts (text lengths): the tokens final for the text
     cut there (a segment cut at its end is complete, as a prompt is before generation starts) are
     exactly the tokens of the whole text that are final by then, with the same ids, ends and
     settle points. Then what an anchor token ending at a cut reads depends on no character after
     the cut. Raises TokenizerAlignmentError naming the tokenizer, the text and the fix on the
-    first counterexample."""
+    first counterexample.
+
+    The settle computation reads nothing past a token's settle point, so where the cut text
+    tokenizes like the whole text up to the tokens final by the cut (same ids, spans and
+    pre-tokens) and its next token's pre-token runs to the cut, the answer is yes without
+    computing the cut text's settle points: one ``encode`` per cut (``_Alike``). ``full=True``
+    computes them at every cut (the tests' reference)."""
     whole = whole if whole is not None else reader.read(segments)
     bounds, offset = [], 0
     for text in segments:
         bounds.append(offset)
         offset += len(text)
+    located: dict[int, list[int]] = {}
     for cut in sorted(set(cuts)):
-        if not 0 <= cut <= offset:
-            continue
-        index = max(i for i, start in enumerate(bounds) if start <= cut)
-        head, inside = list(segments[:index]), cut - bounds[index]
-        if inside == 0 and index > 0:  # the segment before ends here, complete
-            head, index, inside = list(segments[: index - 1]), index - 1, len(segments[index - 1])
-            declared = reader.settled_prefix(head + [segments[index], ""])
-        else:
-            declared = reader.settled_prefix(head + [segments[index][:inside]])
-        k = len(declared.ids)
-        same = (
-            declared.ids == whole.ids[:k]
-            and declared.ends == whole.ends[:k]
-            and declared.settled_at == whole.settled_at[:k]
-            and (k == len(whole.ids) or whole.settled_at[k] > cut)
-        )
-        if not same:
-            text = segments[index]
-            raise TokenizerAlignmentError(
-                f"the tokenizer of {reader.name} ({reader.components}) reads {text[max(0, inside - 20) : inside]!r} "
-                f"differently once {text[inside : inside + 10]!r} follows, against comm's rule for when its tokens "
-                "are final: use mask_mode=prompt with this tokenizer, or another tokenizer"
+        if 0 < cut <= offset:
+            index = max(i for i, start in enumerate(bounds) if start < cut)
+            located.setdefault(index, []).append(cut - bounds[index])
+    fast = not full and reader.rule == "pre_tokens"
+    for index, insides in located.items():
+        text = segments[index]
+        alike = _Alike(reader, segments, index, whole, insides) if fast else None
+        for inside in insides:
+            if alike is not None and alike(inside):
+                continue
+            complete = inside == len(text) and index + 1 < len(segments)
+            declared = reader.settled_prefix([*segments[:index], text[:inside], *([""] if complete else [])])
+            cut, k = bounds[index] + inside, len(declared.ids)
+            same = (
+                declared.ids == whole.ids[:k]
+                and declared.ends == whole.ends[:k]
+                and declared.settled_at == whole.settled_at[:k]
+                and (k == len(whole.ids) or whole.settled_at[k] > cut)
             )
+            if not same:
+                raise TokenizerAlignmentError(
+                    f"the tokenizer of {reader.name} ({reader.components}) reads {text[max(0, inside - 20) : inside]!r} "
+                    f"differently once {text[inside : inside + 10]!r} follows, against comm's rule for when its "
+                    "tokens are final: use mask_mode=prompt with this tokenizer, or another tokenizer"
+                )
+
+
+class _Alike:
+    """The fast path of ``check_final_tokens`` for one segment: whether the segment cut at
+    ``inside`` keeps the whole text's final tokens by the cut (same ids, offsets and pre-tokens)
+    and makes no further token final (its next token's pre-token runs to the cut)."""
+
+    def __init__(
+        self,
+        reader: TokenReader,
+        segments: Sequence[str],
+        index: int,
+        whole: TokenizedText,
+        insides: list[int],
+    ):
+        raw = reader._raw
+        self.reader, self.text = reader, segments[index]
+        self.complete_at = len(self.text) if index + 1 < len(segments) else None
+        self.encoding = raw.encode(self.text, add_special_tokens=False)
+        self.ids, self.offsets = self.encoding.ids, self.encoding.offsets
+        self.words = self.encoding.word_ids
+        first = len(reader.prefix_ids) + sum(
+            len(raw.encode(s, add_special_tokens=False).ids) for s in segments[:index]
+        )
+        self.settled = whole.settled_at[first : first + len(self.ids)]  # non-decreasing
+        self.start = sum(len(s) for s in segments[:index])
+        cut_texts = [self.text[:inside] for inside in insides if inside != self.complete_at]
+        # one call encodes every cut text (in parallel where tokenizers may use threads)
+        self.parts = dict(zip(cut_texts, raw.encode_batch(cut_texts, add_special_tokens=False)))
+
+    def __call__(self, inside: int) -> bool:
+        if inside == self.complete_at:
+            return True  # a complete segment: the same encode, clamped alike
+        k = bisect.bisect_right(self.settled, self.start + inside)
+        part = self.parts[self.text[:inside]]
+        ids, offsets, words = part.ids, part.offsets, part.word_ids
+        if (
+            len(ids) < k
+            or ids[:k] != self.ids[:k]
+            or offsets[:k] != self.offsets[:k]
+            or words[:k] != self.words[:k]
+        ):
+            return False
+        if k:
+            # the last final pre-token spans the same characters, and the last final token's end is
+            # cut back alike (where a character it shares with the next token starts)
+            last = words[k - 1]
+            if last is None or part.word_to_chars(last) != self.encoding.word_to_chars(last):
+                return False
+            if _cut_end(offsets, k - 1) != _cut_end(self.offsets, k - 1):
+                return False
+        if k == len(ids):
+            return True
+        word = words[k]
+        if ids[k] in self.reader._added_ids or word is None:
+            return False
+        return part.word_to_chars(word)[1] == inside  # its pre-token runs to the cut: not final
+
+
+def _cut_end(offsets, i: int) -> int:
+    """Token i's end as ``TokenReader.segment`` gives it: where a character it shares with the next
+    token starts, if it does."""
+    end = offsets[i][1]
+    return min(end, offsets[i + 1][0]) if i + 1 < len(offsets) else end
 
 
 def check_settle_rule(reader: TokenReader, texts: Sequence[str], max_cuts: int = 64) -> None:
@@ -387,13 +466,15 @@ def plan_alignment(
     return readers
 
 
-def pad_reads(reads: Sequence[TokenizedText], pad_id: int, left: bool = False) -> dict:
+def pad_reads(reads: Sequence[TokenizedText], pad_id: int, left: bool = False, min_length: int = 0) -> dict:
     """Pad one augmenting model's reads of a batch of texts into ``augment_inputs[k]`` tensors
     (``input_ids``, ``attention_mask``, ``settled_at``, ``ends``). Padding is never attended;
-    its ``settled_at`` is past any text so it could not be read even if it were."""
+    its ``settled_at`` is past any text so it could not be read even if it were. ``min_length=1``
+    (training batches) keeps one padding column when no row has a token: the bridges then read
+    nothing (their output is zeroed) yet stay in the graph, so the loss still has a gradient."""
     import torch
 
-    length = max((len(r) for r in reads), default=0)
+    length = max(max((len(r) for r in reads), default=0), min_length)
     out = {
         "input_ids": torch.full((len(reads), length), int(pad_id), dtype=torch.long),
         "attention_mask": torch.zeros((len(reads), length), dtype=torch.long),

@@ -261,7 +261,9 @@ class AlignedFeed:
             out[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)  # left padding, as the ids
         return out.to(self.device)
 
-    def first(self) -> dict:
+    def _inputs(self, reads_of, left: bool = False) -> list:
+        """Padded inputs per augment: None for one that reads the anchor's ids, else the prompt's
+        reads (prompt mode) or ``reads_of(k, reader)``."""
         from comm_cli.compose.alignment import pad_reads
 
         inputs = []
@@ -269,12 +271,16 @@ class AlignedFeed:
             if reader is None:
                 inputs.append(None)
                 continue
-            if self.model.mask_mode == "prompt":
-                reads = self._prompt_reads(reader)
-            else:
-                reads = list(self.final[k])
-                self.fed[k] = [len(read.ids) for read in reads]
-            inputs.append(_to(pad_reads(reads, self._pad_id(reader), left=True), self.device))
+            reads = self._prompt_reads(reader) if self.model.mask_mode == "prompt" else reads_of(k, reader)
+            inputs.append(_to(pad_reads(reads, self._pad_id(reader), left=left), self.device))
+        return inputs
+
+    def first(self) -> dict:
+        def final_so_far(k, reader):
+            self.fed[k] = [len(read.ids) for read in self.final[k]]
+            return list(self.final[k])
+
+        inputs = self._inputs(final_so_far, left=True)
         return {"anchor_ends": self._anchor_ends(with_prompt=True), "augment_inputs": inputs}
 
     def push(self, tokens: torch.Tensor, unfinished: torch.Tensor) -> None:
@@ -308,19 +314,14 @@ class AlignedFeed:
 
     def whole(self) -> dict:
         """Inputs for an uncached forward over the prompt and everything generated so far."""
-        from comm_cli.compose.alignment import pad_reads
 
-        inputs = []
-        for reader in self.model.augment_readers:
-            if reader is None:
-                inputs.append(None)
-                continue
-            if self.model.mask_mode == "prompt":
-                reads = self._prompt_reads(reader)
-            else:
-                reads = [reader.read([prompt, text.text]) for prompt, text in zip(self.prompts, self.texts)]
-            inputs.append(_to(pad_reads(reads, self._pad_id(reader)), self.device))
-        return {"anchor_ends": self._anchor_ends(with_prompt=True), "augment_inputs": inputs}
+        def everything(k, reader):
+            return [reader.read([prompt, text.text]) for prompt, text in zip(self.prompts, self.texts)]
+
+        return {
+            "anchor_ends": self._anchor_ends(with_prompt=True),
+            "augment_inputs": self._inputs(everything),
+        }
 
 
 def _to(batch: dict, device) -> dict:

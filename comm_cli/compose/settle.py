@@ -72,7 +72,7 @@ KNOWN_REGEXES = {
 }
 # The case-split regex's upper-case class [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]: its greedy run backtracks, so
 # a word that is all in it may still join the letters after it until that run ends.
-_UPPER_RUN = ("Lu", "Lt", "Lm", "Lo", "Mn", "Mc", "Me")
+_UPPER_RUN = frozenset(("Lu", "Lt", "Lm", "Lo", "Mn", "Mc", "Me"))
 # Characters after a pre-token's start that decide which regex alternative matched it ('re, 'll).
 SETTLE_MARGIN = 3
 _FORMS = ("NFC", "NFD", "NFKC", "NFKD")
@@ -120,6 +120,7 @@ class Normalization:
     def __init__(self, image=None, form: str | None = None, before=None):
         self._image, self.form, self._before = image, form, before
         self._cache: dict[str, tuple[str, bool, bool]] = {}
+        self.changes_text = image is not None  # False: every character is its own image
 
     def _facts(self, c: str) -> tuple[str, bool, bool]:
         facts = self._cache.get(c)
@@ -396,7 +397,7 @@ def _no_merge_across_boundary(vocab: Sequence[str], markers: str) -> bool:
     return True
 
 
-def settle_rule(backend, backend_json: dict, vocab: Sequence[str]) -> SettleRule:
+def settle_rule(backend, backend_json: dict) -> SettleRule:
     """The rule for a fast tokenizer's backend (``tokenizers.Tokenizer`` and its JSON), or
     ``Unsupported`` with what it does when none can be given."""
     unproven: list[str] = []
@@ -426,14 +427,21 @@ def settle_rule(backend, backend_json: dict, vocab: Sequence[str]) -> SettleRule
         )
     if model_type == "BPE" and model.get("merges") == []:
         return SettleRule("characters", **rule)
-    metaspace = [m for m in _members(pre_json) if m.get("type") == "Metaspace"]
-    markers = "".join(sorted({" ", "▁", *(m.get("replacement", "▁") for m in metaspace)}))
-    if model_type in ("BPE", "Unigram") and _no_merge_across_boundary(vocab, markers):
+    members = _members(pre_json)
+    if any(m.get("type") == "ByteLevel" for m in members):
+        markers, vocab_markers = " ", "Ġ"  # a space is "Ġ" in a byte-level vocabulary
+    else:
+        replacements = (m.get("replacement", "▁") for m in members if m.get("type") == "Metaspace")
+        markers = vocab_markers = "".join(sorted({" ", "▁", *replacements}))
+    if model_type in ("BPE", "Unigram") and _no_merge_across_boundary(backend.get_vocab(), vocab_markers):
         return SettleRule("word_boundary", markers=markers, **rule)
     whole = "splits text nowhere" if pre_json is not None else "has no pre-tokenizer"
-    raise Unsupported(
-        f"{whole} ({_describe(pre_json)}) and its {model_type} vocabulary can join a word to the space after it"
+    model_reads = (
+        "vocabulary has tokens that join a word to the space after it"
+        if model_type in ("BPE", "Unigram")
+        else "model reads each pre-token whole"
     )
+    raise Unsupported(f"{whole} ({_describe(pre_json)}) and its {model_type} {model_reads}")
 
 
 def _members(pre_json: dict | None) -> list[dict]:
@@ -451,99 +459,95 @@ def settle_points(rule: SettleRule, text: str, encoding, final: bool) -> list[in
     """For each token of ``encoding`` (``text`` encoded without special tokens), the text length
     from which it is final; ``len(text) + 1`` for a token the text does not settle. ``final``:
     more text may follow ``text`` (otherwise the text is complete and every token is final at
-    its end)."""
+    its end). Each question below looks only a few characters ahead of a pre-token's end."""
     n = len(text)
     never = n + 1
+    end_of_text = never if final else n
     ids, offsets = encoding.ids, encoding.offsets
     norm = rule.normalization
-    is_added = [rule.added.is_match(t, text[s:e]) for t, (s, e) in zip(ids, offsets)]
+    is_added = (
+        [rule.added.is_match(t, text[s:e]) for t, (s, e) in zip(ids, offsets)] if rule.added.ids else None
+    )
+    added_spans = {s: e for (s, e), a in zip(offsets, is_added) if a} if is_added else {}
+    added_starts = sorted(added_spans)
+    image = norm.image if norm.changes_text else None
 
-    # piece_end[i]: where the piece holding position i ends (an added token's start, or n);
-    # a position inside an added token is its own end (it belongs to no piece)
-    piece_end = list(range(n + 1))
-    added_spans = {s: e for (s, e), a in zip(offsets, is_added) if a}
-    following = n
-    for i in range(n, -1, -1):
-        if i in added_spans:
-            following = i
-        piece_end[i] = following
-    for s, e in added_spans.items():
-        for i in range(s + 1, e):
-            piece_end[i] = i
-    added_start_set = set(added_spans)
+    def piece_end(i: int) -> int:
+        """Where the piece holding position i ends: the next added token's start, or n."""
+        index = bisect.bisect_left(added_starts, i)
+        return added_starts[index] if index < len(added_starts) else n
 
-    # ready[p]: the text length from which the normalization of text[:p] is settled
-    ready = list(range(n + 1))
-    if norm.form is not None:
-        end_ready = never if final else n
-        for p in range(n, 0, -1):
-            pe = piece_end[p - 1]
-            if p > pe:
-                continue  # inside an added token
+    def survives(i: int) -> bool:
+        return image is None or bool(image(text[i]))
+
+    def space(i: int) -> bool:
+        return text[i].isspace() or (image is not None and image(text[i]).isspace())
+
+    def ready(p: int) -> int:
+        """The text length from which the normalization of text[:p] is settled."""
+        if norm.form is None:
+            return p
+        pe = piece_end(p - 1) if p else 0
+        while p:
             if norm.closed_after(text[p - 1]):
-                ready[p] = p
-            elif p == pe:
-                ready[p] = pe + 1 if pe < n else end_ready
-            elif norm.boundary_before(text[p]):
-                ready[p] = p + 1
-            else:
-                ready[p] = ready[p + 1]
+                return p
+            if p == pe:
+                return pe + 1 if pe < n else end_of_text
+            if norm.boundary_before(text[p]):
+                return p + 1
+            p += 1
+        return p
 
     def need(x: int) -> int:
         """The text length from which the character at ``x`` (and all before it) is known and settled."""
         if x >= n:
-            return never if final else n
-        if x in added_start_set:
+            return end_of_text
+        if x in added_spans:
             return x + 1  # an added token starts here; _pending covers the rest
-        return ready[x + 1]
+        return ready(x + 1)
 
-    survives = [bool(norm.image(c)) for c in text]
-    spaces = [c.isspace() or norm.image(c).isspace() for c in text]
-    # next_survivor[i] / next_word_char[i]: the first surviving (non-space) character at or after
-    # i in the same piece, else the piece's end
-    next_survivor, next_word_char = [0] * (n + 1), [0] * (n + 1)
-    next_survivor[n] = next_word_char[n] = n
-    for i in range(n - 1, -1, -1):
-        pe = piece_end[i]
-        if i == pe:
-            next_survivor[i] = next_word_char[i] = i
-            continue
-        next_survivor[i] = i if survives[i] else next_survivor[i + 1]
-        next_word_char[i] = i if survives[i] and not spaces[i] else next_word_char[i + 1]
-
-    if rule.case_split:
-        categories = [{unicodedata.category(x) for x in norm.image(c)} for c in text]
-        upper = [bool(cats) and bool(cats.intersection(_UPPER_RUN)) for cats in categories]
-        end_of_upper = [n] * (n + 1)
-        for i in range(n - 1, -1, -1):
-            end_of_upper[i] = i if i >= piece_end[i] or not upper[i] else end_of_upper[i + 1]
+    def next_char(i: int, skip_spaces: bool = False) -> int:
+        """The first surviving (non-space) character at or after i in its piece, else the piece's end."""
+        pe = piece_end(i)
+        while i < pe and (not survives(i) or (skip_spaces and space(i))):
+            i += 1
+        return min(i, pe)
 
     def after(x: int) -> int:
         """The surviving character after the one at ``x`` (or the piece's end)."""
-        return x if x >= piece_end[x] else next_survivor[x + 1]
+        return x if x >= piece_end(x) else next_char(x + 1)
+
+    def upper(i: int) -> bool:
+        return bool({unicodedata.category(c) for c in (image(text[i]) if image else text[i])} & _UPPER_RUN)
 
     def unit_need(a: int, b: int) -> int:
-        x1 = next_survivor[b]
+        x1 = next_char(b)
         required = need(x1)
-        if all(spaces[i] or not survives[i] for i in range(a, b)):
-            required = max(required, need(next_word_char[b]))
-        if rule.regex:
-            third = after(after(next_survivor[a]))
-            required = max(required, need(third))
-            if rule.contraction_suffix and x1 < piece_end[x1] and norm.image(text[x1]).startswith("'"):
-                x2 = after(x1)
-                letter = norm.image(text[x2]).lower()[:1] if x2 < piece_end[x2] else ""
-                required = max(required, need(after(x2) if letter in ("r", "v", "l") else x2))
-        if rule.case_split and x1 < piece_end[x1] and upper[x1]:
-            letters = [c for i in range(a, b) for c in categories[i] if c[0] in "LM"]
-            if letters and "Ll" not in letters:
-                required = max(required, need(end_of_upper[x1]))
+        if all(space(i) or not survives(i) for i in range(a, b)):
+            required = max(required, need(next_char(b, skip_spaces=True)))
+        if not rule.regex:
+            return required
+        required = max(required, need(after(after(next_char(a)))))
+        open_next = x1 < piece_end(x1)
+        if rule.contraction_suffix and open_next and (image(text[x1]) if image else text[x1]).startswith("'"):
+            x2 = after(x1)
+            letter = (image(text[x2]) if image else text[x2]).lower()[:1] if x2 < piece_end(x2) else ""
+            required = max(required, need(after(x2) if letter in ("r", "v", "l") else x2))
+        if rule.case_split and open_next and upper(x1):
+            letters = {
+                unicodedata.category(c) for i in range(a, b) for c in (image(text[i]) if image else text[i])
+            }
+            if any(c[0] in "LM" for c in letters) and "Ll" not in letters:
+                run_end, pe = x1, piece_end(x1)
+                while run_end < pe and upper(run_end):
+                    run_end += 1
+                required = max(required, need(run_end))
         return required
 
     word_of = _word_spans(rule, text, encoding, is_added, piece_end, added_spans)
     base, cache = [], {}
     for j, (start, end) in enumerate(offsets):
-        if is_added[j]:
+        if is_added and is_added[j]:
             base.append(end)
         elif rule.kind == "characters":
             base.append(need(max(end, 1) - 1) if end > start else need(start))
@@ -587,11 +591,10 @@ def _word_spans(
     words: list[tuple[int, int]] = []
     i, n = 0, len(text)
     while i < n:
-        pe = piece_end[i]
-        if i == pe:  # an added token: skip it
-            i = max(added_spans.get(i, i + 1), i + 1)
+        if i in added_spans:  # an added token: skip it
+            i = max(added_spans[i], i + 1)
             continue
-        j = i
+        pe, j = piece_end(i), i
         while j < pe and text[j] in markers:
             j += 1
         while j < pe and text[j] not in markers:
@@ -600,8 +603,8 @@ def _word_spans(
         i = j
     word_starts = [a for a, _ in words]
     spans = []
-    for (start, end), added in zip(offsets, is_added):
-        if added or not words:
+    for j, (start, end) in enumerate(offsets):
+        if (is_added and is_added[j]) or not words:
             spans.append((start, end))
             continue
         index = max(0, bisect.bisect_right(word_starts, start) - 1)
