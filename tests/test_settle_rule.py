@@ -59,8 +59,12 @@ PIECES = (
 )
 TEXTS = st.lists(st.sampled_from(PIECES), min_size=1, max_size=10).map("".join)
 SHORT_TEXTS = st.lists(st.sampled_from(PIECES), min_size=1, max_size=6).map("".join)
-FAST = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-SWEEP = settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+FAST = settings(
+    max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
+SWEEP = settings(
+    max_examples=400, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 
 
 def tokenizer(kind: str):
@@ -204,7 +208,9 @@ PAIRS = (
 
 
 @pytest.mark.parametrize("anchor_kind, augment_kind", PAIRS)
-@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=6, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 @given(text=SHORT_TEXTS, continuations=st.lists(SHORT_TEXTS, min_size=1, max_size=3))
 def test_identical_prefixes_give_identical_anchor_logits_up_to_the_cut(
     anchor_kind, augment_kind, text, continuations
@@ -269,7 +275,9 @@ def test_cached_generation_equals_the_uncached_forward_on_special_and_normalised
     assert_cached_equals_uncached(composition("gpt2_bpe", augment_kind), prompt, written)
 
 
-@settings(max_examples=5, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=5, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 @given(prompt=SHORT_TEXTS, written=SHORT_TEXTS)
 def test_cached_and_uncached_generation_agree_on_any_text(prompt, written):
     assert_cached_equals_uncached(composition("gpt2_bpe", "qwen2_bpe"), prompt, written)
