@@ -156,7 +156,7 @@ class Normalization:
         return self._facts(c)[2]
 
 
-def _normalizer_member(member: dict, obj, unproven: list[str]) -> tuple[str, object | None]:
+def _normalizer_member(member: dict, unproven: list[str]) -> tuple[str, object | None]:
     """("charwise" | a Unicode form, the member's char-wise part for a BertNormalizer)."""
     kind = member.get("type")
     if kind in _FORMS:
@@ -190,7 +190,7 @@ def _normalization(normalizer_json: dict | None, normalizer, unproven: list[str]
     members = normalizer_json.get("normalizers") if normalizer_json.get("type") == "Sequence" else None
     objects = [normalizer[i] for i in range(len(members))] if members is not None else [normalizer]
     members = members if members is not None else [normalizer_json]
-    kinds = [_normalizer_member(m, o, unproven) for m, o in zip(members, objects)]
+    kinds = [_normalizer_member(m, unproven) for m in members]
     # image(): without Prepend, which would prefix every lone character
     from tokenizers import normalizers
 
@@ -200,8 +200,7 @@ def _normalization(normalizer_json: dict | None, normalizer, unproven: list[str]
     if not forms:
         return Normalization(image)
     if len(forms) > 1:
-        if not unproven:
-            unproven.append(f"the normalizer {_describe(normalizer_json)} (several Unicode normalizations)")
+        unproven.append(f"the normalizer {_describe(normalizer_json)} (several Unicode normalizations)")
         return Normalization(image, "NFKC")
     index = forms[0]
     form, charwise_part = kinds[index]
