@@ -279,12 +279,16 @@ class ComposedModel(nn.Module):
         """Attach the models' tokenizers and decide, per augmenting model, whether it reads the
         anchor's token ids (same tokenizer) or its own tokens lined up through characters
         (``comm_cli.compose.alignment``). ``texts`` (e.g. a sample of the data) join the probe
-        texts the tokenizers are compared on. The decision is logged and recorded in the config."""
+        texts the tokenizers are compared on. In causal mode an augment tokenizer that comm cannot
+        follow character by character is refused in one line; one whose settle rule is not argued
+        for its components is checked on ``texts`` (and on every text it reads later). The
+        decision is logged and recorded in the config."""
         from comm_cli.compose.alignment import TokenReader, plan_alignment
 
         names = [f"augment {i} ({spec.model.name_or_path})" for i, spec in enumerate(self.config.augments)]
+        requested = [s.tokens for s in self.config.augments]
         readers = plan_alignment(
-            anchor_tokenizer, augment_tokenizers, names, texts, [s.tokens for s in self.config.augments]
+            anchor_tokenizer, augment_tokenizers, names, texts, requested, self.mask_mode
         )
         anchor_reader = TokenReader(anchor_tokenizer, "the anchor", settle=False) if any(readers) else None
         self.set_readers(anchor_tokenizer, anchor_reader, readers)
@@ -662,7 +666,9 @@ class ComposedModel(nn.Module):
                     states = self.augment_states(k, ids, key_valid, positions, own_cache)
                 key_pos = self._aligned_key_positions(scale, inputs, settled, ends_all, real_all)
                 kv.update(self._append_kv(cache, self._keys_values(k, states, key_pos)))
-            else:
+            elif (
+                cache is not None
+            ):  # no new token: the keys so far (None: none yet, the bridges read nothing)
                 kv.update({i: cache.bridge_kv[i] for i, c in enumerate(self.bridge_connections) if c[0] == k})
             if cache is not None:
                 cache.key_valid[k], cache.key_settled[k] = key_valid, key_settled

@@ -119,7 +119,7 @@ class CompletionCollator:
                 )
                 for e in examples
             ]
-            inputs.append(pad_reads(reads, self.augment_pad_ids[k] or 0, left=left))
+            inputs.append(pad_reads(reads, self.augment_pad_ids[k] or 0, left=left, min_length=1))
         if not any(x is not None for x in inputs):
             raise ValueError("examples carry anchor_ends but the collator knows no augment_pad_ids")
         batch["augment_inputs"] = inputs

@@ -29,7 +29,7 @@ from typing import Any
 
 import datasets
 
-from comm_cli.compose.alignment import ReadPlan
+from comm_cli.compose.alignment import ReadPlan, check_final_tokens
 from comm_cli.data.loading import DataConfig, ensure_text_fields, text_fields
 from comm_cli.errors import DataError
 from comm_cli.losses import IGNORE_INDEX
@@ -235,7 +235,8 @@ def _aligned_columns(
     The anchor's ids are the ones above ([bos] + prompt + completion + [eos]); its reader gives
     the same ids with their spans. Tokens the anchor lost to truncation take their augment
     tokens with them: in causal mode an augment token is kept only if some kept anchor token may
-    read it (final by that token's end)."""
+    read it (final by that token's end). An augment tokenizer whose settle rule is not argued
+    for (``reader.proven`` false) is checked on this example at every anchor token's end."""
     ends, offset = [0] * n_head, 0
     for text, ids in zip(texts, pieces):
         segment = plan.anchor_reader.segment(text, final=False)
@@ -252,6 +253,8 @@ def _aligned_columns(
     for k in plan.aligned_indices:
         read = plan.augment_read(k, texts)
         if plan.mask_mode == "causal":
+            if not plan.augment_readers[k].proven:  # the rule is not argued for it: check this text
+                check_final_tokens(plan.augment_readers[k], texts, ends, whole=read)
             keep = sum(1 for s in read.settled_at if s <= ends[-1])
         else:
             keep = min(len(read), max_length)

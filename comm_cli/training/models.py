@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from comm_cli.compose import ComposedModel, CompositionConfig, check_config
-from comm_cli.compose.alignment import ReadPlan, TokenReader, check_settle_rule, plan_alignment
+from comm_cli.compose.alignment import ReadPlan, TokenReader, plan_alignment
 from comm_cli.compose.blocks import hidden_size, num_layers
 from comm_cli.compose.bridge import bridge_parameter_count
 from comm_cli.compose.loading import load_causal_lm, load_model_config, load_tokenizer  # noqa: F401
@@ -46,8 +46,9 @@ def read_plan(cfg, anchor_tokenizer, sample_texts) -> ReadPlan | None:
     """How each augmenting model of a CALM config reads text: the anchor's token ids when the
     tokenizers read identically (None for all: the plain path), else its own tokens lined up
     through characters. Each model's tokenizer source is recorded in its spec (so a saved
-    composition names it), and in causal mode the settle rule of every aligned tokenizer is
-    checked against its own prefix tokenizations of ``sample_texts`` before anything trains."""
+    composition names it). In causal mode every aligned tokenizer gets its settle rule (or the
+    run stops in one line); one the rule is not argued for is checked on ``sample_texts`` here
+    and on every example when the data is tokenized (``plan_alignment``, ``tokenize_split``)."""
     specs = [cfg.augment] + [entry.model for entry in cfg.extra_augments]
     cfg.anchor.tokenizer = cfg.tokenizer or cfg.anchor.tokenizer or cfg.anchor.name_or_path
     tokenizers, names = [], []
@@ -62,13 +63,11 @@ def read_plan(cfg, anchor_tokenizer, sample_texts) -> ReadPlan | None:
                 "the augmenting model %s ships no tokenizer: it reads the anchor's token ids", source
             )
             tokenizers.append(None)
-    readers = plan_alignment(anchor_tokenizer, tokenizers, names, sample_texts, requested_token_paths(cfg))
+    readers = plan_alignment(
+        anchor_tokenizer, tokenizers, names, sample_texts, requested_token_paths(cfg), cfg.mask_mode
+    )
     if not any(reader is not None for reader in readers):
         return None
-    if cfg.mask_mode == "causal":
-        for reader in readers:
-            if reader is not None:
-                check_settle_rule(reader, list(sample_texts)[:64])
     return ReadPlan(TokenReader(anchor_tokenizer, "the anchor", settle=False), readers, cfg.mask_mode)
 
 

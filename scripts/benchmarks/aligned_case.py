@@ -75,7 +75,7 @@ class AlignedVariants:
             self.composed.use_tokenizers(tokenizer, [augment_tokenizer], texts)
             self.plans[path] = plan = self.composed.read_plan()
             assert plan is not None, path
-            check_settle_rule(plan.augment_readers[0], texts[:2])  # as comm-train does at start-up
+            check_settle_rule(plan.augment_readers[0], texts[:2])  # the rule holds on the bench's texts
 
         # comm-train's pipeline: tokenize_split (with the plan) -> CompletionCollator
         datasets.disable_progress_bars()
