@@ -345,7 +345,9 @@ def test_one_console_line_per_checkpoint_and_accelerates_detail_in_the_log(ws, t
     out = capfd.readouterr().out
     checkpoint_lines = [line for line in out.splitlines() if "checkpoint" in line]
     assert len(checkpoint_lines) == 2, out  # steps 4 and 8
-    assert all("INFO comm_cli.training.recipe] checkpoint step" in line for line in checkpoint_lines)
+    assert all(
+        "INFO comm_cli.training.checkpoint_client] checkpoint step" in line for line in checkpoint_lines
+    )
     assert "accelerate" not in out
     log = (tmp_path / "quiet" / "train.log").read_text()
     assert "INFO accelerate" in log and "Saving current state" in log
