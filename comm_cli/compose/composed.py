@@ -366,6 +366,11 @@ class ComposedModel(nn.Module):
         """Trainable (bridge) and frozen (base) parameter counts of what is held in memory."""
         return parameter_counts(self)
 
+    @property
+    def connected_anchor_layers(self) -> list[int]:
+        """The anchor layers a bridge adds to, lowest first."""
+        return sorted(self._bridges_at)
+
     def bridge_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the trained weights, keyed ``bridges.<i>.<name>``."""
         return {f"bridges.{k}": v for k, v in self.bridges.state_dict().items()}

@@ -14,14 +14,13 @@ unpickled.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 import comm_cli
-from comm_cli.atomic import atomic_write_text
+from comm_cli.atomic import atomic_write, atomic_write_text
 from comm_cli.compose.specs import CompositionConfig
 from comm_cli.errors import ModelLoadError
 
@@ -35,9 +34,8 @@ def save_composition(model, directory: str | Path) -> Path:
     config = model.config.to_dict()
     config["comm_version"] = comm_cli.__version__
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.bridge_state_dict().items()}
-    tmp = directory / f".{WEIGHTS_NAME}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "comm_version": comm_cli.__version__})
-    os.replace(tmp, directory / WEIGHTS_NAME)
+    metadata = {"format": "pt", "comm_version": comm_cli.__version__}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
 
