@@ -133,15 +133,6 @@ def resolve_output_dir(cfg) -> None:
             cfg.output_dir = HydraConfig.get().runtime.output_dir
 
 
-def reset_accelerate_state() -> None:
-    """Forget the process-wide Accelerate state, so that the next job in this process (a Hydra
-    sweep's next run, a test) builds a fresh Accelerator with its own settings."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-
-
 def remove_if_unused(run_dir: str | Path | None) -> None:
     """Remove a run directory that a failed start left empty (Hydra makes it before the job runs;
     a lock file alone holds nothing either), so a mistyped command leaves no trace."""

@@ -20,7 +20,6 @@ from comm_cli.cli import (
     help_if_asked,
     quiet_libraries,
     register_configs,
-    reset_accelerate_state,
     resolve_output_dir,
     run_hydra,
     run_reporting_errors,
@@ -50,6 +49,7 @@ def run(cfg: DictConfig) -> dict:
     """Train from a composed config (also what tests call)."""
     from comm_cli.data.loading import check_local_data
     from comm_cli.registry import prepare
+    from comm_cli.training.engines import reset_accelerate_state
     from comm_cli.training.recipe import TrainRecipe
 
     typed = to_typed(cfg)

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
-from comm_cli.cli import reset_accelerate_state, setup_logging
 from comm_cli.compose import ComposedModel
 from comm_cli.errors import ConfigError
 from comm_cli.evaluation.models import load_eval_model
 from comm_cli.evaluation.report import format_table, log_to_tracker, result_rows, write_results
 from comm_cli.evaluation.runner import TaskRunner
+from comm_cli.logs import setup_logging
+from comm_cli.training.engines import reset_accelerate_state
 from comm_cli.training.models import load_tokenizer
 from comm_cli.training.trackers import log_with, start_trackers
 
