@@ -332,7 +332,7 @@ def test_comm_eval_checks_paths_before_building_anything(tmp_path, capsys, overr
     assert run_in_process(eval_main, "comm-eval", args) == 2
     lines = error_lines(capsys.readouterr().err, "comm-eval")
     assert len(lines) == 1 and expected in lines[0]
-    assert not kv_dir.exists() and not list(tmp_path.glob(".kv.partial-*"))  # nothing was built
+    assert not kv_dir.exists() and not list(tmp_path.glob(".tmp-kv-*"))  # nothing was built
     assert time.perf_counter() - started < 30
 
 

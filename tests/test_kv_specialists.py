@@ -210,7 +210,9 @@ def test_a_build_killed_midway_leaves_nothing_that_looks_complete(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
     # What a SIGKILL leaves behind (no cleanup ran): a partial sibling of a dead process.
-    leftover = tmp_path / ".specialists.partial-999999999-1"
+    from comm_cli.atomic import HOST
+
+    leftover = tmp_path / f".tmp-specialists-{HOST}-999999999"
     (leftover / "augment").mkdir(parents=True)
     (leftover / "world.json").write_text("{}")
     monkeypatch.undo()
@@ -220,7 +222,7 @@ def test_a_build_killed_midway_leaves_nothing_that_looks_complete(tmp_path, monk
 
 
 def test_stale_partials_are_removed_also_when_the_cached_build_is_reused(copy_of):
-    """A killed build's .partial directory goes the next time the cache is used, even when
+    """A killed build's temporary directory goes the next time the cache is used, even when
     nothing is built; a running build (this process) and another host's build stay."""
     import os
     from types import SimpleNamespace
@@ -228,11 +230,13 @@ def test_stale_partials_are_removed_also_when_the_cached_build_is_reused(copy_of
     from comm_cli.experiments.kv_arithmetic import setup
 
     root = copy_of()
+    from comm_cli.atomic import HOST
+
     leftovers = {
-        "dead, this host": f".{root.name}.partial-999999999-{ks._HOST}-1",
-        "dead, older name form": f".{root.name}.partial-999999998-2",
-        "running, this host": f".{root.name}.partial-{os.getpid()}-{ks._HOST}-3",
-        "another host": f".{root.name}.partial-999999997-elsewhere-4",
+        "dead, this host": f".tmp-{root.name}-{HOST}-999999999",
+        "dead, on its way out": f".old-{root.name}-{HOST}-999999998",
+        "running, this host": f".tmp-{root.name}-{HOST}-{os.getpid()}",
+        "another host": f".tmp-{root.name}-elsewhere-999999997",
     }
     for name in leftovers.values():
         (root.parent / name / "augment").mkdir(parents=True)

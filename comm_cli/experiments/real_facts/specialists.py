@@ -24,19 +24,17 @@ manifest (written last), so a killed build never looks complete:
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from comm_cli.errors import DataError, OutputDirError
+from comm_cli.errors import DataError
+from comm_cli.experiments.builds import BuildDirectory
 from comm_cli.experiments.real_facts import tasks
 from comm_cli.experiments.real_facts.config import RECIPE_VERSION, FactsSettings
 from comm_cli.experiments.real_facts.generation import greedy_answers
@@ -46,10 +44,8 @@ from comm_cli.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 WORLD = "world.json"
 MODELS = ("generic", "specialist", "random")
-_OUR_ENTRIES = {*MODELS, WORLD, MANIFEST}
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -57,20 +53,15 @@ _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer
 # Entry points
 
 
+def directory_of(directory: str | Path) -> BuildDirectory:
+    """The bases' build directory (``comm_cli.experiments.builds``)."""
+    needs = (WORLD, *(f"{model}/{name}" for model in MODELS for name in _MODEL_FILES))
+    return BuildDirectory(Path(directory).absolute(), frozenset({*MODELS, WORLD}), needs, "real-facts output")
+
+
 def read_complete_manifest(directory: str | Path, settings: FactsSettings) -> dict | None:
     """The manifest of a complete build of exactly these settings in ``directory``, else None."""
-    directory = Path(directory)
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if not manifest.get("complete") or manifest.get("settings_hash") != settings.hash():
-        return None
-    if not (directory / WORLD).is_file():
-        return None
-    if not all((directory / m / f).is_file() for m in MODELS for f in _MODEL_FILES):
-        return None
-    return manifest
+    return directory_of(directory).complete(settings.hash())
 
 
 def ensure_bases(directory: str | Path, anchor_dir: str | Path, settings: FactsSettings) -> dict:
@@ -83,29 +74,12 @@ def ensure_bases(directory: str | Path, anchor_dir: str | Path, settings: FactsS
 
 
 def build_bases(directory: str | Path, anchor_dir: str | Path, settings: FactsSettings) -> dict:
-    directory = Path(directory).absolute()
-    _check_replaceable(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}-{time.time_ns()}"
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path) -> dict:
         with torch_threads(settings.num_threads):
-            manifest = _build_into(tmp, Path(anchor_dir), settings)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        theirs = read_complete_manifest(directory, settings)
-        if theirs is not None:  # another process finished the same build first
-            return theirs
-        if directory.exists():
-            _check_replaceable(directory)
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-        return manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            return _build_into(tmp, Path(anchor_dir), settings)
 
-
-# ---------------------------------------------------------------------------------------------
-# Building
+    manifest, _ = directory_of(directory).build(settings.hash(), fill)
+    return manifest
 
 
 def _build_into(root: Path, anchor_dir: Path, settings: FactsSettings) -> dict:
@@ -313,15 +287,3 @@ def _save(model, tokenizer, directory: Path) -> None:
     with no_progress_bars():
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
-
-
-def _check_replaceable(directory: Path) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise OutputDirError(f"real-facts output '{directory}' is a file: give a directory path")
-    if directory.is_dir():
-        foreign = sorted(p.name for p in directory.iterdir() if p.name not in _OUR_ENTRIES)
-        if foreign:
-            raise OutputDirError(
-                f"real-facts output '{directory}' holds other files ({', '.join(foreign[:3])}): "
-                "give an empty or new directory"
-            )
