@@ -32,6 +32,38 @@ def config_dir() -> str:
     )
 
 
+def command(program: str, config_name: str, run: Callable, schema: Callable[[], type], argv_hook=None):
+    """The ``main()`` of a Hydra command (``comm-train``, ``comm-eval``, ...): comm's --help page,
+    ``argv_hook`` (overrides the command derives from the ones given), misspelt keys refused
+    before Hydra composes, then ``run(cfg)`` with every user mistake reported in one line."""
+    import hydra
+
+    from comm_cli.help import accepted_groups
+
+    @hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)
+    def hydra_main(cfg) -> None:
+        task_started()
+        resolve_output_dir(cfg)
+        run_reporting_errors(program, lambda: run(cfg), run_dir=cfg.output_dir)
+
+    def main() -> None:
+        help_if_asked(program, sys.argv[1:])
+        if argv_hook is not None:
+            sys.argv[1:] = argv_hook(sys.argv[1:])
+        check_override_keys(program, sys.argv[1:], schema(), accepted_groups(program))
+        run_hydra(program, hydra_main)
+
+    return main
+
+
+def typed_config(cfg, check: Callable[[object], None]):
+    """The typed config of a composed one, its values checked, the console quieted unless verbose."""
+    typed = to_typed(cfg)
+    quiet_libraries(typed.verbose)
+    check(typed)
+    return typed
+
+
 def help_if_asked(program: str, argv: list[str]) -> None:
     """``--help`` / ``-h``: comm's own page for the command (``comm_cli.help``), then exit 0."""
     if "--help" in argv or "-h" in argv:

@@ -72,6 +72,12 @@ PAGES = {
 }
 
 
+def accepted_groups(program: str) -> set[str]:
+    """The config groups a command takes (its page lists exactly these)."""
+    spec = PAGES[program]
+    return {*spec["groups"], *spec["added"]}
+
+
 def options(conf_dir: str | Path, group: str) -> list[str]:
     return sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))
 

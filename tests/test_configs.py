@@ -89,3 +89,53 @@ def test_the_paper_default_mapping_is_every_fourth_layer():
     assert typed.mapping.every == 4
     assert typed.anchor.name_or_path == "Qwen/Qwen2.5-1.5B"
     assert typed.augment.name_or_path == "Qwen/Qwen2.5-Coder-0.5B"
+
+
+def _listed(program: str) -> dict[str, list[str]]:
+    """GROUP -> options, as the command's --help page lists them."""
+    from comm_cli.help import page
+
+    listed = {}
+    for line in page(program, CONF).splitlines():
+        if line.startswith("  ") and ": " in line and not line.strip().startswith(("#", program)):
+            group, _, rest = line.strip().partition(": ")
+            listed[group] = [o.strip() for o in rest.split("(")[0].split(",") if o.strip()]
+    return listed
+
+
+def test_every_preset_comm_train_lists_is_accepted():
+    listed = _listed("comm-train")
+    assert set(listed) >= {"experiment", "anchor", "augment", "mapping", "data", "method", "size"}
+    needs = ["anchor.name_or_path=a", "augment.name_or_path=b", "data.data_files=t.jsonl"]
+    for group, names in listed.items():
+        for name in names:
+            choice = f"+{group}={name}" if group == "size" else f"{group}={name}"
+            extra = ["experiment=kv_arithmetic"] if group == "size" or "kv" in name else []
+            extra += (
+                ["experiment=real_facts"]
+                if name in ("smollm2_135m_instruct", "facts_specialist", "real_facts")
+                else []
+            )
+            _, typed = compose_train([*needs, *extra, choice])
+            assert typed is not None, (group, name)
+
+
+def test_every_preset_comm_eval_lists_is_accepted():
+    listed = _listed("comm-eval")
+    assert set(listed) == {"suite", "anchor", "augment", "logger", "task"}
+    for group, names in listed.items():
+        for name in names:
+            if group == "task":
+                overrides = [
+                    f"+task@tasks.t={name}",
+                    "tasks.t.data.data_files=t.jsonl",
+                    "suite=kv_arithmetic",
+                ]
+            else:
+                overrides = [f"{group}={name}", "suite=kv_arithmetic" if "kv" in name else "logger=none"]
+                overrides += (
+                    ["suite=real_facts"] if name in ("smollm2_135m_instruct", "facts_specialist") else []
+                )
+            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                cfg = compose(config_name="eval", overrides=[*overrides, "output_dir=x"])
+            assert OmegaConf.to_object(cfg) is not None, (group, name)
