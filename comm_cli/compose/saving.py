@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 
 import comm_cli
 from comm_cli.atomic import atomic_write, atomic_write_text
+from comm_cli.compose.checks import check_config
+from comm_cli.compose.loading import load_augment_model, load_causal_lm
 from comm_cli.compose.specs import CompositionConfig
 from comm_cli.errors import ModelLoadError
 
@@ -63,9 +65,6 @@ def load_composition(cls, directory, anchor=None, augments=None, device=None):
     if not weights_path.is_file():
         raise ModelLoadError(f"'{directory}' has no {WEIGHTS_NAME}: the composition was not saved completely")
     if anchor is None or augments is None:
-        from comm_cli.compose.composed import check_config
-        from comm_cli.compose.loading import load_augment_model, load_causal_lm
-
         check_config(config)
         if anchor is None:
             anchor = load_causal_lm(config.anchor, "anchor model", device)
