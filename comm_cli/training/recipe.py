@@ -36,6 +36,7 @@ import torch
 from comm_cli.atomic import atomic_write_text
 from comm_cli.compose import ComposedModel
 from comm_cli.compose.composed import parameter_counts
+from comm_cli.compose.tokenizers import load_anchor_tokenizer
 from comm_cli.data.build import raw_splits, tokenized_splits
 from comm_cli.data.collate import CompletionCollator
 from comm_cli.errors import ConfigError, NonFiniteLossError, TrainingStopped
@@ -51,8 +52,7 @@ from comm_cli.training.models import (
     augment_pad_ids,
     batch_loss,
     build_model,
-    load_tokenizer,
-    read_plan,
+    plan_calm,
     sample_texts,
 )
 from comm_cli.training.optim import build_optimizer, build_scheduler
@@ -144,17 +144,17 @@ class TrainRecipe:
         self.checkpoints.report()
 
     def _setup_tokenizer_and_data(self, cfg) -> None:
-        tokenizer_source = cfg.tokenizer or cfg.anchor.name_or_path
-        self.tokenizer = load_tokenizer(tokenizer_source, cfg.anchor if cfg.tokenizer is None else None)
-        self.plan = None
+        self.tokenizer = load_anchor_tokenizer(cfg.anchor, cfg.tokenizer)
+        self.calm_plan = None
         with self.accelerator.main_process_first():
             raw = raw_splits(cfg.data, cfg, seed=cfg.seed)
             if cfg.method.name == "calm":
-                self.plan = read_plan(cfg, self.tokenizer, sample_texts(raw["train"], cfg.data))
+                self.calm_plan = plan_calm(cfg, self.tokenizer, sample_texts(raw["train"], cfg.data))
+            self.plan = self.calm_plan.reading if self.calm_plan else None
             self.splits = tokenized_splits(raw, self.tokenizer, cfg.data, self.plan)
 
     def _setup_model(self, cfg) -> None:
-        self.model = build_model(cfg)
+        self.model = build_model(cfg, self.calm_plan)
         if isinstance(self.model, ComposedModel):
             plan = self.plan
             readers = plan.augment_readers if plan else [None] * len(self.model.augments)
