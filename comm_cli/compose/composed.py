@@ -218,10 +218,8 @@ class ComposedModel(nn.Module):
         names = [f"augment {i} ({spec.model.name_or_path})" for i, spec in enumerate(augments)]
         paths = [spec.tokens for spec in augments]
         plan = plan_reading(anchor_tokenizer, augment_tokenizers, names, paths, self.mask_mode, texts)
-        if plan is None:
-            self.set_readers(anchor_tokenizer, None, [None] * len(augments))
-        else:
-            self.set_readers(anchor_tokenizer, plan.anchor_reader, plan.augment_readers)
+        readers = plan.augment_readers if plan is not None else [None] * len(augments)
+        self.set_readers(anchor_tokenizer, plan.anchor_reader if plan is not None else None, readers)
 
     def attach_saved_tokenizers(self) -> None:
         """Load each model's tokenizer from where its spec says (``comm_cli.compose.tokenizers``)
