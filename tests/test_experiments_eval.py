@@ -120,8 +120,9 @@ def test_experiment_runs_end_to_end_on_stand_ins(experiment, tmp_path):
     assert run_train(_train_args(ws, tmp_path, experiment)) == 0
     assert (tmp_path / experiment / "composition" / "composition_config.json").is_file()
     assert run_in_process(eval_main, "comm-eval", _eval_args(ws, tmp_path, experiment)) == 0
-    name = "eval_code_calm" if experiment == "code_qwen" else "eval_low_resource_calm"
-    data = json.loads((tmp_path / name / "results.json").read_text())
+    # comm-eval names its output after the run it scores (eval_<run name>)
+    (results,) = tmp_path.glob("eval_*/results.json")
+    data = json.loads(results.read_text())
     got = {(r["task"], r["metric"]) for r in data["results"]}
     if experiment == "code_qwen":
         # the prompts hold the solutions (see tests/test_code_execution.py): both pass
@@ -129,7 +130,7 @@ def test_experiment_runs_end_to_end_on_stand_ins(experiment, tmp_path):
     else:
         assert got == {("translation", "chrf"), ("translation", "bleu"), ("math", "exact_match")}
         predictions = [
-            json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()
+            json.loads(line) for line in (results.parent / "predictions.jsonl").read_text().splitlines()
         ]
         prompts = [p["prompt"] for p in predictions if p["task"] == "translation"]
         assert prompts[0] == "Translate from eng_Latn to swh_Latn.\neng_Latn: two\nswh_Latn:"
