@@ -32,10 +32,19 @@ def config_dir() -> str:
     )
 
 
-def command(program: str, config_name: str, run: Callable, schema: Callable[[], type], argv_hook=None):
+def command(
+    program: str,
+    config_name: str,
+    run: Callable,
+    schema: Callable[[], type],
+    argv_hook=None,
+    run_directory: bool = True,
+):
     """The ``main()`` of a Hydra command (``comm-train``, ``comm-eval``, ...): comm's --help page,
     ``argv_hook`` (overrides the command derives from the ones given), misspelt keys refused
-    before Hydra composes, then ``run(cfg)`` with every user mistake reported in one line."""
+    before Hydra composes, then ``run(cfg)`` with every user mistake reported in one line.
+    ``run_directory``: the command writes into Hydra's run directory (removed again when a start
+    fails before writing anything); commands that write none (comm-generate, ...) say False."""
     import hydra
 
     from comm_cli.help import accepted_groups
@@ -44,7 +53,8 @@ def command(program: str, config_name: str, run: Callable, schema: Callable[[], 
     def hydra_main(cfg) -> None:
         task_started()
         resolve_output_dir(cfg)
-        run_reporting_errors(program, lambda: run(cfg), run_dir=cfg.output_dir)
+        run_dir = cfg.output_dir if run_directory else None
+        run_reporting_errors(program, lambda: run(cfg), run_dir=run_dir)
 
     def main() -> None:
         help_if_asked(program, sys.argv[1:])

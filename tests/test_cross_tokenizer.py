@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from comm_cli.compose import BridgeConfig, ComposedModel, MappingSpec
-from comm_cli.compose.alignment import TokenReader, pad_reads
+from comm_cli.compose.alignment import TokenReader
 from comm_cli.compose.bridge_inputs import BridgeInputs
+from comm_cli.compose.encoding import pad_reads
 from comm_cli.errors import ConfigError
 from tests import tokenizer_zoo as zoo
 from tests.conftest import tiny_model

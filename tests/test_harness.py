@@ -14,7 +14,7 @@ import torch
 # The harness extra is part of `make install` (CI included): a missing lm-eval fails here, never skips.
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from comm_cli.data.collate import CompletionCollator  # noqa: E402
+from comm_cli.compose.encoding import CompletionCollator  # noqa: E402
 from comm_cli.data.loading import DataConfig  # noqa: E402
 from comm_cli.data.tokenize import tokenize_split  # noqa: E402
 from comm_cli.eval import main as eval_main  # noqa: E402

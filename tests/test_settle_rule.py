@@ -22,16 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from comm_cli.compose import BridgeConfig, ComposedModel, MappingSpec
-from comm_cli.compose.alignment import (
-    TokenizerAlignmentError,
-    TokenReader,
-    check_final_tokens,
-    pad_reads,
-)
-from comm_cli.data.collate import CompletionCollator
+from comm_cli.compose.alignment import TokenizerAlignmentError, TokenReader, check_final_tokens
+from comm_cli.compose.encoding import CompletionCollator, augment_pad_ids, pad_reads
 from comm_cli.data.loading import DataConfig
 from comm_cli.data.tokenize import tokenize_split
-from comm_cli.training.models import augment_pad_ids
 from tests import tokenizer_zoo as zoo
 from tests.conftest import tiny_model
 

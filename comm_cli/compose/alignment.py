@@ -466,46 +466,6 @@ def plan_alignment(
     return readers
 
 
-def pad_reads(reads: Sequence[TokenizedText], pad_id: int, left: bool = False, min_length: int = 0) -> dict:
-    """Pad one augmenting model's reads of a batch of texts into ``augment_inputs[k]`` tensors
-    (``input_ids``, ``attention_mask``, ``settled_at``, ``ends``). Padding is never attended;
-    its ``settled_at`` is past any text so it could not be read even if it were. ``min_length=1``
-    (training batches) keeps one padding column when no row has a token: the bridges then read
-    nothing (their output is zeroed) yet stay in the graph, so the loss still has a gradient."""
-    import torch
-
-    length = max(max((len(r) for r in reads), default=0), min_length)
-    out = {
-        "input_ids": torch.full((len(reads), length), int(pad_id), dtype=torch.long),
-        "attention_mask": torch.zeros((len(reads), length), dtype=torch.long),
-        "settled_at": torch.full((len(reads), length), 2**30, dtype=torch.long),
-        "ends": torch.zeros((len(reads), length), dtype=torch.long),
-    }
-    for row, read in enumerate(reads):
-        n = len(read)
-        if n == 0:
-            continue
-        span = slice(length - n, length) if left else slice(0, n)
-        out["input_ids"][row, span] = torch.tensor(read.ids, dtype=torch.long)
-        out["attention_mask"][row, span] = 1
-        out["settled_at"][row, span] = torch.tensor(read.settled_at, dtype=torch.long)
-        out["ends"][row, span] = torch.tensor(read.ends, dtype=torch.long)
-    return out
-
-
-def prompt_ends(reader: TokenReader, prompt: str, ids: Sequence[int]) -> list[int]:
-    """Character ends of an anchor prompt's ``ids`` (leading special tokens, then the prompt's own
-    tokens, as comm's data pipeline builds them)."""
-    own = reader.segment(prompt, final=False)
-    extra = len(ids) - len(own.ids)
-    if extra < 0 or list(ids[extra:]) != own.ids:
-        raise ValueError(
-            f"the prompt ids do not end with the anchor's tokenization of the prompt {prompt[:30]!r}: pass the "
-            "prompt texts the ids were made from"
-        )
-    return [0] * extra + own.ends
-
-
 @dataclass
 class ReadPlan:
     """How a composition's models read text: the anchor's reader (ends only) and, per augmenting

@@ -29,6 +29,7 @@ from comm_cli.compose.masks import (
     cross_attention_mask,
     positions_from_mask,
 )
+from comm_cli.errors import TokenizerMismatchError
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]
 
@@ -129,6 +130,14 @@ class BridgeInputs:
             raise ValueError(
                 f"augment_inputs has {len(self.augment_inputs)} entries for {count} augmenting models"
             )
+        readers = getattr(model, "augment_readers", [None] * count)
+        for k, reader in enumerate(readers):
+            if reader is not None and self.augment_inputs[k] is None and self.states_given[k] is None:
+                raise TokenizerMismatchError(
+                    f"{reader.name} reads its own tokenizer's tokens, but this forward gave it only the anchor's ids: "
+                    "build the inputs from text with batch = model.encode(texts[, completions]) and call "
+                    "model(**batch), or generate with model.generate(prompts=[...])"
+                )
         self.kv: dict[int, KeysValues] = {}  # filled per bridge as the augmenting models are read
 
     def assemble(self) -> ActiveBridges:
@@ -187,6 +196,14 @@ class BridgeInputs:
         if self.states_given[k] is not None:
             # precomputed states may be padded past the key columns (prompt mode)
             return {layer: v[:, : ids.shape[1]] for layer, v in self.states_given[k].items()}
+        vocab = self.model.augments[k].get_input_embeddings().num_embeddings
+        first = self.cache is None or self.cache.seen == 0  # later decoding steps: no sync per token
+        if first and ids.numel() and int(ids.max()) >= vocab:
+            raise TokenizerMismatchError(
+                f"augmenting model {k} got token id {int(ids.max())}, past its vocabulary of {vocab}: it reads "
+                "text through another tokenizer than the anchor's. Attach both with model.use_tokenizers(anchor_tokenizer, "
+                "[augment_tokenizer]) and build inputs with model.encode(texts)"
+            )
         own_cache = self.cache.augments[k] if self.cache is not None else None
         return self.model.augment_states(k, ids, mask, positions, own_cache)
 

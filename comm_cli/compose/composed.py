@@ -466,12 +466,37 @@ class ComposedModel(nn.Module):
         loss = next_token_loss(out.logits, labels, loss_reduction) if labels is not None else None
         return CompositionOutput(logits=out.logits, loss=loss, cache=cache)
 
+    def encode(self, texts, completions=None, **options) -> dict:
+        """Everything ``forward`` takes, from text: ``model(**model.encode(texts))`` scores texts,
+        ``model.encode(prompts, completions)`` prompt/completion pairs (loss on the completions).
+        Options: ``add_bos``, ``add_eos``, ``max_length``, ``padding_side``
+        (``comm_cli.compose.text.encode``)."""
+        from comm_cli.compose.text import encode
+
+        return encode(self, texts, completions, **options)
+
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """KV-cached generation; see ``comm_cli.compose.generation.generate`` for the options."""
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        prompts=None,
+        **kwargs,
+    ):
+        """KV-cached generation (``comm_cli.compose.generation.generate`` has the options).
+        ``generate(prompts=[...])`` is text in, text out: the continuations as strings
+        (``comm_cli.compose.text.generate_text``); with ``input_ids`` it returns token ids, and a
+        composition whose augment reads its own tokenizer also needs the ``prompts`` they came from."""
+        if input_ids is None:
+            if prompts is None:
+                raise ValueError("give prompts=[...] (text in, text out) or input_ids")
+            from comm_cli.compose.text import generate_text
+
+            return generate_text(self, prompts, **kwargs)
         from comm_cli.compose.generation import generate
 
-        return generate(self, input_ids, attention_mask, **kwargs)
+        return generate(self, input_ids, attention_mask, prompts=prompts, **kwargs)
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

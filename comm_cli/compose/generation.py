@@ -27,6 +27,7 @@ class GenerationOutput:
     attention_mask: torch.Tensor
     prompt_length: int
     scores: list[torch.Tensor] | None = None  # per step (batch, vocab) float32 logits before sampling
+    texts: list[str] | None = None  # the decoded continuations (generate(prompts=...) fills them)
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -76,14 +77,17 @@ def generate(
     return_dict: bool = False,
     prompts: Sequence[str] | None = None,
     stopping: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    streamer=None,
 ) -> torch.Tensor | GenerationOutput:
     """Generate up to ``max_new_tokens`` after each prompt row.
 
     Rows stop at an ``eos_token_id`` (int or list) and are then filled with ``pad_token_id``.
     ``stopping(sequences, prompt_length)`` -> bool (batch,) marks further rows as done after each
     step (e.g. a stop string has appeared in their text; evaluation uses it). Right-padded prompts
-    are moved to left padding first. Returns the sequences (prompt +
-    new tokens), or a GenerationOutput with ``return_dict=True``.
+    are moved to left padding first. ``streamer`` (transformers' protocol, e.g. its TextStreamer
+    for one row) gets ``put(prompt ids)``, then ``put(new tokens)`` (batch,) after every step and
+    ``end()`` at the end. Returns the sequences (prompt + new tokens), or a GenerationOutput with
+    ``return_dict=True``.
 
     A composition with an augmenting model that has its own tokenizer also needs the prompt
     texts (``prompts``, one per row, the texts ``input_ids`` were made from): the augment reads
@@ -125,11 +129,15 @@ def generate(
     feed = None
     if getattr(model, "aligned", False) and model._bridges_enabled:
         if prompts is None or len(prompts) != input_ids.shape[0]:
-            raise ValueError(
-                "this composition reads text through more than one tokenizer: pass prompts=[...] (one prompt "
-                "text per row, the texts input_ids were made from)"
+            from comm_cli.errors import TokenizerMismatchError
+
+            raise TokenizerMismatchError(
+                "this composition reads text through more than one tokenizer: generate from text with "
+                "model.generate(prompts=[...]), or pass prompts=[...] (one per row, the texts input_ids were made from)"
             )
         feed = AlignedFeed(model, list(prompts), input_ids, attention_mask)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     try:
         if max_new_tokens > 0:
             extra = feed.first() if feed is not None else {}
@@ -148,6 +156,8 @@ def generate(
             unfinished_before = unfinished
             next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
             sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             if eos_tensor is not None:
                 unfinished = unfinished & ~torch.isin(next_tokens, eos_tensor)
@@ -172,6 +182,8 @@ def generate(
                 )
     finally:
         model.train(was_training)
+        if streamer is not None:
+            streamer.end()
     if not return_dict:
         return sequences
     return GenerationOutput(
@@ -198,7 +210,8 @@ class AlignedFeed:
     """
 
     def __init__(self, model, prompts: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        from comm_cli.compose.alignment import GeneratedText, prompt_ends
+        from comm_cli.compose.alignment import GeneratedText
+        from comm_cli.compose.encoding import prompt_ends
 
         self.model, self.prompts = model, prompts
         self.device = input_ids.device
@@ -264,7 +277,7 @@ class AlignedFeed:
     def _inputs(self, reads_of, left: bool = False) -> list:
         """Padded inputs per augment: None for one that reads the anchor's ids, else the prompt's
         reads (prompt mode) or ``reads_of(k, reader)``."""
-        from comm_cli.compose.alignment import pad_reads
+        from comm_cli.compose.encoding import pad_reads
 
         inputs = []
         for k, reader in enumerate(self.model.augment_readers):
@@ -294,7 +307,8 @@ class AlignedFeed:
 
     def step(self) -> dict:
         """The last token's end, and the augment tokens it made final."""
-        from comm_cli.compose.alignment import TokenizedText, pad_reads
+        from comm_cli.compose.alignment import TokenizedText
+        from comm_cli.compose.encoding import pad_reads
 
         inputs = []
         for k, reader in enumerate(self.model.augment_readers):

@@ -14,6 +14,7 @@ unpickled.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ from comm_cli.compose.checks import check_config
 from comm_cli.compose.loading import load_augment_model, load_causal_lm
 from comm_cli.compose.specs import CompositionConfig
 from comm_cli.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "composition_config.json"
 WEIGHTS_NAME = "composition_model.safetensors"
@@ -92,7 +95,15 @@ def load_composition(cls, directory, anchor=None, augments=None, device=None):
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(state[key].to(param.dtype))
+    # Text in, text out (model.encode, model.generate(prompts=...)) needs the tokenizers: attach
+    # them from the recorded sources. An augment with its own tokenizer cannot run without them;
+    # bases that ship none (models built from a config) leave a shared-token composition usable
+    # with ids alone.
     if any(spec.tokens == "aligned" for spec in config.augments):
-        # an augment with its own tokenizer cannot run without it: read them from the recorded sources
         model.attach_saved_tokenizers()
+    else:
+        try:
+            model.attach_saved_tokenizers()
+        except ModelLoadError as err:
+            logger.info("no tokenizers attached (%s): the composition takes token ids only", err)
     return model

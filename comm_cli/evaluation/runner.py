@@ -16,8 +16,8 @@ import torch
 from accelerate.utils import send_to_device
 
 from comm_cli.compose import ComposedModel
+from comm_cli.compose.encoding import CompletionCollator, augment_pad_ids
 from comm_cli.data.build import eval_rows
-from comm_cli.data.collate import CompletionCollator
 from comm_cli.data.tokenize import tokenize_split
 from comm_cli.errors import ConfigError
 from comm_cli.evaluation import code_tasks as C
@@ -26,7 +26,7 @@ from comm_cli.evaluation.execution import Limits, run_programs
 from comm_cli.evaluation.models import EvalModel
 from comm_cli.evaluation.stopping import StopStrings, cut_at_stops
 from comm_cli.losses import loss_token_count
-from comm_cli.training.models import augment_pad_ids, batch_loss
+from comm_cli.training.models import batch_loss
 
 logger = logging.getLogger(__name__)
 

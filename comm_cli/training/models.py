@@ -105,13 +105,6 @@ def sample_texts(rows, data_cfg, n: int = 64) -> list[str]:
     return texts
 
 
-def augment_pad_ids(plan: ReadPlan | None) -> list[int | None] | None:
-    """The pad id of each augmenting model that reads its own tokens (for the collator)."""
-    if plan is None:
-        return None
-    return [None if r is None else (r.tokenizer.pad_token_id or 0) for r in plan.augment_readers]
-
-
 def build_calm(cfg, plan: CalmPlan | None = None, device=None) -> ComposedModel:
     config = composition_config(cfg, plan)
     model = ComposedModel.from_config(config, device=device)

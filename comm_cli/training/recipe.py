@@ -36,9 +36,9 @@ import torch
 from comm_cli.atomic import atomic_write_text
 from comm_cli.compose import ComposedModel
 from comm_cli.compose.composed import parameter_counts
+from comm_cli.compose.encoding import CompletionCollator, augment_pad_ids
 from comm_cli.compose.tokenizers import load_anchor_tokenizer
 from comm_cli.data.build import raw_splits, tokenized_splits
-from comm_cli.data.collate import CompletionCollator
 from comm_cli.errors import ConfigError, NonFiniteLossError, TrainingStopped
 from comm_cli.logs import setup_logging
 from comm_cli.losses import loss_token_count
@@ -49,7 +49,6 @@ from comm_cli.training.checkpoint_client import CheckpointClient
 from comm_cli.training.faults import KILL_AT_STEP, kill_if_asked, step_seconds
 from comm_cli.training.loaders import micro_batches, train_loader, validation_loader
 from comm_cli.training.models import (
-    augment_pad_ids,
     batch_loss,
     build_model,
     plan_calm,

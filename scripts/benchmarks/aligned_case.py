@@ -47,11 +47,10 @@ class AlignedVariants:
         import datasets
 
         from comm_cli.compose.alignment import check_settle_rule
+        from comm_cli.compose.encoding import CompletionCollator, augment_pad_ids
         from comm_cli.data.char_tokenizer import build_char_tokenizer
-        from comm_cli.data.collate import CompletionCollator
         from comm_cli.data.loading import DataConfig
         from comm_cli.data.tokenize import tokenize_split
-        from comm_cli.training.models import augment_pad_ids
 
         self.args, self.device = args, device
         target_vocab = args.vocab or PRESETS[args.preset]["vocab"]
