@@ -3,7 +3,7 @@
 The augmenting models are frozen, so their outputs at the connected layers depend only on the
 input tokens. A precompute pass runs them once over the training split and stores those states;
 every training step then reads them instead of running the augmenting models, which removes the
-augment forward from the step cost (DESIGN.md section 3).
+augment forward from the step cost (docs/performance.md, "The cost model").
 
 Layout of a cache directory (written under a temporary name, renamed when complete):
 
