@@ -24,8 +24,9 @@ Two readings of a request, chosen by the model:
   scores it; no eos is added. A request longer than ``max_length`` loses context from the left,
   at an anchor token boundary. ``loglikelihood`` then equals comm's own log-probability of the
   continuation (``model(**model.encode([context], [continuation], add_eos=False))``), and
-  ``generate_until`` is comm-generate's reply (``comm_cli.inference.Session.complete`` with the
-  request's ``until`` as stop strings and ``max_gen_toks``).
+  ``generate_until`` hands the composition's ``generate`` the context text with its ids
+  (``[bos] + context``), as comm-generate poses a prompt, so its greedy reply is comm-generate's
+  with the request's ``until`` as stop strings and ``max_gen_toks`` new tokens at most.
 
 Three ways in:
 
@@ -106,6 +107,8 @@ class CommLM(TemplateLM):
             from comm_cli.training.models import load_tokenizer
 
             tokenizer = load_tokenizer(tokenizer or self.model.tokenizer_source)
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # left padding for generation (never attended)
         self.tokenizer = tokenizer
         self.batch_size = _batch_size(batch_size)
         self.add_bos_token = _flag(add_bos_token)
@@ -219,10 +222,7 @@ class CommLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(requests[indices[0]].args[1]), DEFAULT_MAX_GEN_TOKS)
             contexts = [requests[i].args[0] for i in indices]
             with self._variant():
-                if self.plan is not None:
-                    texts = self._generate_from_texts(contexts, kwargs, disable_tqdm)
-                else:
-                    texts = self._generate_from_ids(contexts, kwargs, generator, disable_tqdm)
+                texts = self._generate(contexts, kwargs, generator, disable_tqdm)
             for i, text in zip(indices, texts):
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -236,12 +236,12 @@ class CommLM(TemplateLM):
             "bridges_off": self.bridges_off,
         }
 
-    # --- token ids (plain models, shared tokenizers) ---------------------------------------------
-
-    def _generate_from_ids(
-        self, contexts: list[str], kwargs: dict, generator, disable_tqdm: bool
-    ) -> list[str]:
-        """lm-eval's ids of each context through ``generate_texts``; the eos text joins the stops."""
+    def _generate(self, contexts: list[str], kwargs: dict, generator, disable_tqdm: bool) -> list[str]:
+        """Each context's continuation through ``generate_texts`` (the model's KV-cached
+        ``generate``), the eos text joining the request's stops. A context longer than the room
+        ``max_gen_toks`` leaves loses its start: lm-eval's ids cut on the left, or, where an
+        augment reads its own tokens, the text cut at an anchor token boundary and handed over
+        with its ids (``[bos] + context``, as comm-generate poses a prompt)."""
         eos_text = self.tokenizer.decode([self.eot_token_id]) if self.eot_token_id is not None else None
         stops = handle_stop_sequences(kwargs.get("until"), eos_text)
         max_new = int(kwargs["max_gen_toks"])
@@ -254,11 +254,23 @@ class CommLM(TemplateLM):
             batch_size=self.batch_size,
         )
         keep = max(1, self.max_length - max_new)
-        prompts = [self.tok_encode(context)[-keep:] for context in contexts]
-        texts = generate_texts(
-            self.model, self.tokenizer, prompts, generation, max_new, stops, generator, not disable_tqdm
+        if self.plan is None:
+            prompts, texts = [self.tok_encode(context)[-keep:] for context in contexts], None
+        else:
+            texts = [self._keep_tail(context, max(1, keep - 1)) for context in contexts]  # one place for bos
+            prompts = [self.tok_encode(text) for text in texts]
+        samples = generate_texts(
+            self.model,
+            self.tokenizer,
+            prompts,
+            generation,
+            max_new,
+            stops,
+            generator,
+            not disable_tqdm,
+            prompts=texts,
         )
-        return [samples[0] for samples in texts]
+        return [sample[0] for sample in samples]
 
     # --- text (compositions whose augments read their own tokens) --------------------------------
 
@@ -358,32 +370,6 @@ class CommLM(TemplateLM):
                 windows.append((text[starts[i - 1] : starts[i]] if i > 0 else "", piece))
             i = j
         return windows
-
-    def _generate_from_texts(self, contexts: list[str], kwargs: dict, disable_tqdm: bool) -> list[str]:
-        """comm-generate's replies to the contexts (``Session.complete``, the request's ``until`` as
-        its stop strings), in batches of ``batch_size`` similar lengths, longest first."""
-        from comm_cli.inference.session import Sampling, Session
-
-        session = Session(self.model, self.tokenizer, chat_template=False, add_bos=self.add_bos_token)
-        sampling = Sampling(
-            max_new_tokens=int(kwargs["max_gen_toks"]),
-            do_sample=bool(kwargs.get("do_sample", False)),
-            temperature=float(kwargs.get("temperature") or 1.0),
-            top_p=kwargs.get("top_p"),
-            top_k=kwargs.get("top_k"),
-            stop=handle_stop_sequences(kwargs.get("until"), None),
-            seed=self.seed,
-        )
-        room = max(1, self.max_length - sampling.max_new_tokens - 1)  # one place for bos
-        prompts = [self._keep_tail(context, room) for context in contexts]
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-        out: list[str | None] = [None] * len(prompts)
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for batch in tqdm(batches, desc="generate_until", disable=disable_tqdm, leave=False):
-            for i, completion in zip(batch, session.complete([prompts[i] for i in batch], sampling)):
-                out[i] = completion.text
-        return out
 
     # --- helpers ---------------------------------------------------------------------------------
 
