@@ -54,7 +54,6 @@ LANDS_WITH_BRANCH = {
     "comm-serve": "serve",
     "comm-launch": "launch",
     "comm-config": "launch",
-    "comm-lm-eval": "lmeval",
 }
 # The README's comm-train lines run on the stand-ins with this budget appended.
 TRAIN_BUDGET = ["trainer.max_steps=30", "trainer.eval_every=15", "trainer.save_every=15"]
