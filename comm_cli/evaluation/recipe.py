@@ -31,6 +31,8 @@ def own_data_task(cfg):
         return None
     source = data.data_files if isinstance(data.data_files, str) else data.path
     name = Path(str(source)).name.split(".")[0] if source else "data"
+    if data.held_out:
+        name = f"{name}_held_out"
     task = EvalTask(
         data=data,
         metrics=["loss", "exact_match"],

@@ -27,7 +27,7 @@ def closing_lines(summary: dict, seconds: float, run_dir: Path) -> list[str]:
     lines = [
         f"done: {summary['steps']} steps, {tokens:,} tokens in {_duration(seconds)}"
         + (f"; {', '.join(losses)}" if losses else ""),
-        f"run directory: {run_dir} (run_config.yaml, summary.json, checkpoints/)",
+        f"run directory: {run_dir} (run_config.yaml, train_summary.json, checkpoints/)",
         f"trained weights: {summary['final']}",
     ]
     final = shlex.quote(str(summary["final"]))
