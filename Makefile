@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # in pytest's own process.
 TEST_WORKERS ?= 2
 
-.PHONY: install install-deepspeed test test-fast lint format clean demo demo-seeds demo-cross demo-encoder demo-real bench bench-sweep gpu-suite gpu-wheels
+.PHONY: install install-deepspeed test test-fast lint format clean demo demo-seeds demo-cross demo-encoder demo-real bench bench-sweep bench-serve gpu-suite gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -56,6 +56,12 @@ demo-real: install
 # comm against its cost lower bound; prints ratios and writes bench.json.
 bench: install
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+# comm-serve batched against one request at a time: 16 concurrent clients on 127.0.0.1 against a
+# tiny composition; requests/s, tokens/s, p50/p95 latency and time to first token (serve_bench.json).
+# (Starlette, uvicorn and the client's httpx come with the test extra.)
+bench-serve: install
+	$(BIN)/python scripts/serve_bench.py $(BENCH_ARGS)
 
 # How a step's cost grows with sequence length and connections: bench_sweep.json and a PNG
 # (matplotlib comes with the bench extra).

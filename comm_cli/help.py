@@ -69,6 +69,30 @@ PAGES = {
         "groups": ["suite", "anchor", "augment", "logger"],
         "added": {"task": "+task@tasks.NAME=PRESET adds a task (tasks.NAME.<key>=... sets its options)"},
     },
+    "comm-serve": {
+        "what": (
+            "Serve a saved composition (checkpoint=DIR) or a baseline (model=anchor|augment|lora|full) over\n"
+            "the OpenAI HTTP API: /v1/models, /v1/completions, /v1/chat/completions (the anchor's chat\n"
+            "template), streamed by server-sent events; requests that arrive together share a batch.\n"
+            "Listens on 127.0.0.1 unless host= says otherwise; a request's unset settings come from\n"
+            "generation.* (greedy by default). Needs pip install 'comm-cli[serve]'."
+        ),
+        "examples": [
+            ("comm-serve checkpoint=outputs/run/composition", "http://127.0.0.1:8000/v1, model id 'run'"),
+            (
+                "comm-serve checkpoint=DIR port=9000 served_model_name=calm generation.max_new_tokens=512",
+                "another port, name and default reply length",
+            ),
+            ("comm-serve checkpoint=DIR bridges_off=true", "the anchor alone, to compare"),
+            ("comm-serve model=anchor anchor.name_or_path=ANCHOR", "a base model"),
+            (
+                "comm-serve checkpoint=DIR max_batch_size=32 batch_wait_ms=10 max_queue=256",
+                "batching and queue (past max_queue waiting requests: 503)",
+            ),
+        ],
+        "groups": ["anchor", "augment"],
+        "added": {},
+    },
 }
 
 

@@ -11,6 +11,7 @@ string, or when its caller cancels it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import torch
 
 from comm_cli.errors import ConfigError
 from comm_cli.evaluation.stopping import StopStrings, cut_at_stops
+from comm_cli.training.faults import step_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +41,11 @@ class Sampling:
         return cls(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, list(cfg.stop))
 
     def key(self) -> tuple:
-        """Requests with equal keys can share one batch (greedy ones always can)."""
+        """Requests with equal keys can share one batch: greedy ones with the same stop strings
+        (a batch has one list of them), sampled ones with the same settings as well."""
         if not self.do_sample:
-            return ("greedy",)
-        return ("sample", self.temperature, self.top_p, self.top_k, self.seed)
+            return ("greedy", tuple(self.stop))
+        return ("sample", self.temperature, self.top_p, self.top_k, self.seed, tuple(self.stop))
 
 
 @dataclass
@@ -169,10 +172,15 @@ class Session:
         sampling: Sampling,
         on_text: Callable[[int, str], None] | None = None,
         cancelled: Callable[[int], bool] | None = None,
+        max_new_tokens: Sequence[int] | None = None,
     ) -> list[Completion]:
         """Replies to ``texts`` (prompt texts, as ``prompt_text`` makes them), one batch, left-padded.
-        ``on_text(row, delta)`` streams each row's text; ``cancelled(row)`` stops a row early."""
+        ``on_text(row, delta)`` streams each row's text; ``cancelled(row)`` stops a row early;
+        ``max_new_tokens`` gives each row its own limit (default: ``sampling.max_new_tokens``), so
+        requests that differ only in length share a batch. ``COMM_FAULT_STEP_SECONDS`` makes every
+        decoding step last at least that long (tests of cancelling and queueing)."""
         rows = [self.prompt_ids(text) for text in texts]
+        limits = list(max_new_tokens) if max_new_tokens is not None else [sampling.max_new_tokens] * len(rows)
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = self.loaded.device
@@ -180,14 +188,26 @@ class Session:
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         eos = self.eos_ids()
         stops = StopStrings(self.tokenizer, sampling.stop)
+        streamer = TextStream(self.tokenizer, len(rows), on_text, sampling.stop, eos) if on_text else None
+        # Where each row was stopped (new tokens so far) by a stop string, its limit or its caller:
+        # the batch runs on, the row gets padding, which is neither its text nor its token count.
+        stopped_at: list[int | None] = [None] * len(rows)
+        delay = step_seconds()
 
         def stopping(sequences, prompt_length):
+            if delay:
+                time.sleep(delay)
+            made = sequences.shape[1] - prompt_length
             done = stops(sequences, prompt_length)
-            if cancelled is not None:
-                done |= torch.tensor([cancelled(row) for row in range(len(rows))])
+            for row in range(len(rows)):
+                if made >= limits[row] or (cancelled is not None and cancelled(row)):
+                    done[row] = True
+                if done[row] and stopped_at[row] is None:
+                    stopped_at[row] = made
+                    if streamer is not None:
+                        streamer.done[row] = True
             return done
 
-        streamer = TextStream(self.tokenizer, len(rows), on_text, sampling.stop, eos) if on_text else None
         generator = None
         if sampling.do_sample:
             seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
@@ -196,17 +216,19 @@ class Session:
             ids,
             mask,
             sampling,
-            sampling.max_new_tokens,
+            max(limits),
             eos,
             pad,
             generator,
-            stopping if (sampling.stop or cancelled) else None,
+            stopping,
             prompts=list(texts),
             streamer=streamer,
         )
         out = []
-        for prompt, row in zip(rows, new.tolist()):
+        for prompt, row, stop in zip(rows, new.tolist(), stopped_at):
             ended = next((i for i, token in enumerate(row) if token in eos), None)
+            if stop is not None and (ended is None or stop <= ended):
+                ended, row = None, row[:stop]
             tokens = row if ended is None else row[:ended]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             cut = cut_at_stops(text, sampling.stop)
