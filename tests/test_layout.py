@@ -38,12 +38,14 @@ LAYERS = (
     ("comm_cli.training",),
     ("comm_cli.evaluation",),
     ("comm_cli.inference",),
+    ("comm_cli.serving",),
     ("comm_cli.experiments",),
 )
 PROGRAMS = (
     "comm_cli.cli",
     "comm_cli.train",
     "comm_cli.eval",
+    "comm_cli.serve",
     "comm_cli.evaluation.harness_cli",
     "comm_cli.experiments.*.demo",
     "comm_cli.experiments.*.seeds",

@@ -51,7 +51,6 @@ KNOWN_NEEDS = {"gpu", "hub", "network"}
 LANDS_WITH_BRANCH = {
     "comm-generate": "genchat",
     "comm-chat": "genchat",
-    "comm-serve": "serve",
     "comm-launch": "launch",
     "comm-config": "launch",
 }
@@ -65,7 +64,6 @@ HYDRA_CONFIG = {
     "comm-eval": "eval",
     "comm-generate": "generate",
     "comm-chat": "chat",
-    "comm-serve": "serve",
     "comm-launch": "train",
 }
 README_PORT = "8000"
