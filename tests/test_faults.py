@@ -144,6 +144,40 @@ def test_a_stop_signal_checkpoints_at_the_next_step_and_resume_is_exact(ws, whol
     assert run_id == json.loads((newest / "trainer_state.json").read_text())["wandb_run_id"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_start_up_is_one_line_exit_75_and_leaves_nothing_half_written(
+    ws, tmp_path, signum
+):
+    """A signal while the augment-state cache is half built (its states written, its manifest
+    not): the job stops at once, not when the build ends, with the same one line and status 75 as
+    a stop during training; the half-built cache is gone, so the next start builds it anew."""
+    args = base_args(ws, tmp_path, "early") + ["trainer.cache_augment_states=true"]
+    env = {**cli_env(), "COMM_FAULT_SETUP_SECONDS": "120"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "comm_cli.train", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(tmp_path / "early" / "train.log", "COMM_FAULT_SETUP_SECONDS: pausing", process)
+    signalled = time.monotonic()
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=300)
+
+    assert process.returncode == 75, err[-3000:]
+    assert time.monotonic() - signalled < 60  # at once, not after the 120 s build
+    lines = [line for line in err.strip().splitlines() if line.startswith("comm-train:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith(f"comm-train: stopped by {signal.Signals(signum).name} during start-up")
+    assert "resume=auto" in lines[0]
+    assert not (tmp_path / "early" / "augment_cache").exists()  # nothing that looks built
+    assert not list((tmp_path / "early").glob(".tmp-*"))  # and no half of it left behind
+    assert latest_checkpoint(tmp_path / "early") is None and not (tmp_path / "early" / "composition").exists()
+
+
 # ---------------------------------------------------------------------------------------------- damaged checkpoints
 
 
