@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from comm_cli.cli import command, register_configs, typed_config
+from comm_cli.launch import refuse_launch_overrides
 from comm_cli.schema import check_train_values, train_schema
 
 PROGRAM = "comm-train"
@@ -45,7 +46,7 @@ def _train(cfg: DictConfig, stop) -> dict:
             reset_accelerate_state()
 
 
-main = command(PROGRAM, "train", run, train_schema)
+main = command(PROGRAM, "train", run, train_schema, argv_hook=refuse_launch_overrides)
 
 if __name__ == "__main__":
     main()

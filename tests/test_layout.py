@@ -44,6 +44,7 @@ PROGRAMS = (
     "comm_cli.cli",
     "comm_cli.train",
     "comm_cli.eval",
+    "comm_cli.launch",
     "comm_cli.evaluation.harness_cli",
     "comm_cli.experiments.*.demo",
     "comm_cli.experiments.*.seeds",

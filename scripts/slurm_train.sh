@@ -1,0 +1,1 @@
+../conf/slurm/slurm_train.sh
