@@ -206,6 +206,25 @@ def test_a_stop_under_comm_launch_exits_with_comm_trains_75(ws, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stop_during_start_up_under_comm_launch_is_one_line_and_75(ws, tmp_path):
+    """SIGTERM to comm-launch while process 0 builds the augment-state cache and process 1 waits
+    for it: both stop at once (not after the build), one line, 75, no half-built cache."""
+    args = base_args(ws, tmp_path, "early") + ["trainer.cache_augment_states=true", "trainer.batch_size=2"]
+    process = _comm_launch(L.CPU_CONFIG, args, tmp_path, COMM_FAULT_SETUP_SECONDS="300")
+    wait_for_text(tmp_path / "early" / "train.log", "COMM_FAULT_SETUP_SECONDS: pausing", process)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 75, err[-4000:]
+    assert time.monotonic() - signalled < 120  # at once, not after the 300 s build
+    lines = [line for line in err.splitlines() if line.startswith(("comm-train:", "comm-launch:"))]
+    assert len(lines) == 1 and "Traceback" not in err, err[-4000:]
+    assert lines[0].startswith("comm-train: stopped by SIGTERM during start-up")
+    assert not (tmp_path / "early" / "augment_cache").exists()
+    assert not list((tmp_path / "early").glob(".tmp-*"))
+
+
+@pytest.mark.slow
 def test_a_process_that_cannot_load_its_model_stops_every_process_in_one_line(ws, tmp_path):
     """FSDP over two processes, the anchor missing on process 1 only (as on a node without its
     files): every process stops at once with one line naming it, instead of process 0 waiting in
