@@ -194,19 +194,53 @@ def remove_if_unused(run_dir: str | Path | None) -> None:
 def run_reporting_errors(program: str, fn: Callable[[], object], run_dir=None) -> object:
     """Run ``fn``; a CommError becomes one line on stderr and exit status 2; a requested stop
     (SIGTERM/SIGINT, checkpoint written) one line and exit status 75. A ``run_dir`` that the failed
-    start left empty is removed."""
+    start left empty is removed. Under several processes a stop, and an error every process
+    raised alike (``comm_cli.training.ranks.agree``), is printed by the main process only. The
+    status is also written to COMM_EXIT_STATUS_FILE when a launcher asks for it."""
     try:
-        return fn()
+        result = fn()
     except CommError as err:
         remove_if_unused(run_dir)
-        print(f"{program}: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        if is_main_process() or not getattr(err, "every_process", False):
+            print(f"{program}: error: {err}", file=sys.stderr, flush=True)
+        exit_with(EXIT_USER_ERROR)
     except TrainingStopped as stop:
-        print(f"{program}: {stop}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_STOPPED)
-    except BaseException:
         remove_if_unused(run_dir)
+        if is_main_process():  # every process stops at once, at the same step once training runs
+            print(f"{program}: {stop}", file=sys.stderr, flush=True)
+        exit_with(EXIT_STOPPED)
+    except SystemExit as exit_:
+        record_exit_status(0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1)
         raise
+    except BaseException as err:
+        remove_if_unused(run_dir)
+        record_exit_status(130 if isinstance(err, KeyboardInterrupt) else 1)
+        raise
+    record_exit_status(0)
+    return result
+
+
+# A launcher (comm-launch, the SLURM script) names a file here; the main process of each machine
+# writes its exit status into it, which the launcher then exits with instead of its own.
+EXIT_STATUS_FILE = "COMM_EXIT_STATUS_FILE"
+
+
+def record_exit_status(status: int) -> None:
+    """Write ``status`` to COMM_EXIT_STATUS_FILE, if set, from the main process of this machine."""
+    path = os.environ.get(EXIT_STATUS_FILE)
+    if not path or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    from comm_cli.atomic import atomic_write_text
+
+    try:
+        atomic_write_text(path, f"{status}\n")
+    except OSError:
+        pass  # a launcher that cannot read it falls back on its own status
+
+
+def exit_with(status: int) -> None:
+    record_exit_status(status)
+    sys.exit(status)
 
 
 _task = {"started": False}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from comm_cli.cli import command, register_configs, typed_config
+from comm_cli.launch import refuse_launch_overrides
 from comm_cli.schema import check_train_values, train_schema
 
 PROGRAM = "comm-train"
@@ -13,7 +14,20 @@ register_configs()
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train from a composed config (also what tests call)."""
+    """Train from a composed config (also what tests call). SIGTERM/SIGINT are caught from the
+    first line: during start-up they stop the job at once, once training runs at the next step
+    boundary (``comm_cli.training.preemption``); either way one line and exit status 75."""
+    from comm_cli.training.preemption import StopSignals
+
+    with StopSignals() as stop:
+        try:
+            return _train(cfg, stop)
+        except Exception as err:
+            stop.check_cause(err)  # a start-up cut short by a signal reports the signal
+            raise
+
+
+def _train(cfg: DictConfig, stop) -> dict:
     from comm_cli.data.loading import check_local_data
     from comm_cli.registry import prepare
     from comm_cli.training.engines import reset_accelerate_state
@@ -22,7 +36,7 @@ def run(cfg: DictConfig) -> dict:
     typed = typed_config(cfg, check_train_values)
     check_local_data(typed.data)
     prepare(typed)
-    recipe = TrainRecipe(typed, OmegaConf.to_container(cfg, resolve=True))
+    recipe = TrainRecipe(typed, OmegaConf.to_container(cfg, resolve=True), stop=stop)
     try:
         recipe.setup()
         return recipe.train()
@@ -32,7 +46,7 @@ def run(cfg: DictConfig) -> dict:
             reset_accelerate_state()
 
 
-main = command(PROGRAM, "train", run, train_schema)
+main = command(PROGRAM, "train", run, train_schema, argv_hook=refuse_launch_overrides)
 
 if __name__ == "__main__":
     main()

@@ -120,6 +120,44 @@ def run_module(module: str, args: list[str], cwd: Path, env: dict | None = None,
     )
 
 
+def launch_env(**extra: str) -> dict[str, str]:
+    """A launcher's environment: cli_env with the GPUs hidden (processes over gloo on the CPUs)."""
+    return {**cli_env(), "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a launcher's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_module(module: str, args: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+    """Start ``python -m module args`` in the background, its stderr kept for the assertions."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_text(path: Path, text: str, process: subprocess.Popen, timeout: float = 600.0) -> None:
+    """Wait until ``text`` is in the file ``path`` (a run's log) while ``process`` still runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and text in path.read_text():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before {text!r}: {process.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
 def run_in_process(main, program: str, args: list[str]) -> int:
     """Call a Hydra entry point in this process with a patched argv; returns the exit status."""
     from hydra.core.global_hydra import GlobalHydra
@@ -135,6 +173,29 @@ def run_in_process(main, program: str, args: list[str]) -> int:
     finally:
         sys.argv = old
         GlobalHydra.instance().clear()
+
+
+def install_wheel(tmp_path: Path) -> tuple[Path, list[str]]:
+    """Build comm's wheel from this checkout and install it (no dependencies) into a directory
+    of its own, as ``pip install .`` would ship it: (that directory, the wheel's file names)."""
+    import zipfile
+
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip"]
+    build = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), str(REPO)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next(wheel_dir.glob("comm_cli-*.whl"))
+    install = subprocess.run(
+        [*pip, "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    return target, zipfile.ZipFile(wheel).namelist()
 
 
 def run_train(args: list[str]) -> int:

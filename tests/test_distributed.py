@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -26,7 +25,8 @@ from tests.helpers import (
     REPO,
     base_args,
     build_workspace,
-    cli_env,
+    free_port,
+    launch_env,
     max_abs_diff,
     run_train,
     trainable_weights,
@@ -52,12 +52,6 @@ def final_bridges(run_dir: Path) -> dict[str, torch.Tensor]:
     return trainable_weights(run_dir / "composition" / "composition_model.safetensors")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch_command(config: str, processes: int, args: list[str]) -> list[str]:
     return [
         sys.executable,
@@ -75,10 +69,6 @@ def launch_command(config: str, processes: int, args: list[str]) -> list[str]:
         "comm_cli.train",
         *args,
     ]
-
-
-def launch_env(**extra: str) -> dict[str, str]:
-    return {**cli_env(), "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
 def launch(
@@ -237,11 +227,13 @@ echo 127.0.0.1
 
 @pytest.mark.slow
 def test_two_nodes_on_localhost_through_the_slurm_script(ws, one, tmp_path):
-    """scripts/slurm_train.sh + conf/accelerate/multinode.yaml, with srun and scontrol stood in
-    for by scripts that start both "nodes" here: 2 nodes x 1 CPU process equals one process."""
+    """scripts/slurm_train.sh (comm-launch multinode on each node), with srun and scontrol stood
+    in for by scripts that start both "nodes" here: 2 nodes x 1 CPU process equals one process."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+    # comm-launch as an install puts it on the PATH, running this checkout's comm_cli
+    comm_launch = f'#!/usr/bin/env bash\nexec "{sys.executable}" -m comm_cli.launch "$@"\n'
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("comm-launch", comm_launch)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
     env = launch_env(
@@ -254,7 +246,7 @@ def test_two_nodes_on_localhost_through_the_slurm_script(ws, one, tmp_path):
     args = base_args(ws, tmp_path, "nodes") + COMMON + ["trainer.batch_size=2"]
     result = subprocess.run(
         ["bash", str(REPO / "scripts" / "slurm_train.sh"), *args],
-        cwd=REPO,  # the script names its accelerate config relative to the checkout
+        cwd=tmp_path,  # the script names its launch config, found by comm-launch from any directory
         env=env,
         capture_output=True,
         text=True,

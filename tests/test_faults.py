@@ -26,7 +26,9 @@ from tests.helpers import (
     run_in_process,
     run_module,
     run_train,
+    start_module,
     trainable_weights,
+    wait_for_text,
     wandb_history,
 )
 
@@ -96,31 +98,13 @@ def test_a_second_start_in_a_directory_in_use_is_refused(ws, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- stop signals
 
 
-def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file() and text in path.read_text():
-            return
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended before {text!r}: {process.stderr.read()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} never appeared in {path}")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_checkpoints_at_the_next_step_and_resume_is_exact(ws, whole, tmp_path, signum):
     args = base_args(ws, tmp_path, "stopped") + ["trainer.keep_last=0", "logger=wandb"]
     env = {**cli_env(), "COMM_FAULT_STEP_SECONDS": "0.4"}  # a run that surely still trains when signalled
-    process = subprocess.Popen(
-        [sys.executable, "-m", "comm_cli.train", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for(tmp_path / "stopped" / "train.log", "step 2/12 loss", process)
+    process = start_module("comm_cli.train", args, tmp_path, env)
+    wait_for_text(tmp_path / "stopped" / "train.log", "step 2/12 loss", process)
     process.send_signal(signum)
     _, err = process.communicate(timeout=300)
 
@@ -142,6 +126,33 @@ def test_a_stop_signal_checkpoints_at_the_next_step_and_resume_is_exact(ws, whol
     assert max_abs_diff(final_bridges(tmp_path / "stopped"), final_bridges(whole)) <= 1e-6
     _, _, run_id = wandb_history(tmp_path / "stopped")
     assert run_id == json.loads((newest / "trainer_state.json").read_text())["wandb_run_id"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_start_up_is_one_line_exit_75_and_leaves_nothing_half_written(
+    ws, tmp_path, signum
+):
+    """A signal while the augment-state cache is half built (its states written, its manifest
+    not): the job stops at once, not when the build ends, with the same one line and status 75 as
+    a stop during training; the half-built cache is gone, so the next start builds it anew."""
+    args = base_args(ws, tmp_path, "early") + ["trainer.cache_augment_states=true"]
+    env = {**cli_env(), "COMM_FAULT_SETUP_SECONDS": "120"}
+    process = start_module("comm_cli.train", args, tmp_path, env)
+    wait_for_text(tmp_path / "early" / "train.log", "COMM_FAULT_SETUP_SECONDS: pausing", process)
+    signalled = time.monotonic()
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=300)
+
+    assert process.returncode == 75, err[-3000:]
+    assert time.monotonic() - signalled < 60  # at once, not after the 120 s build
+    lines = [line for line in err.strip().splitlines() if line.startswith("comm-train:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith(f"comm-train: stopped by {signal.Signals(signum).name} during start-up")
+    assert "resume=auto" in lines[0]
+    assert not (tmp_path / "early" / "augment_cache").exists()  # nothing that looks built
+    assert not list((tmp_path / "early").glob(".tmp-*"))  # and no half of it left behind
+    assert latest_checkpoint(tmp_path / "early") is None and not (tmp_path / "early" / "composition").exists()
 
 
 # ---------------------------------------------------------------------------------------------- damaged checkpoints

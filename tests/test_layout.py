@@ -46,6 +46,7 @@ PROGRAMS = (
     "comm_cli.train",
     "comm_cli.eval",
     "comm_cli.serve",
+    "comm_cli.launch",
     "comm_cli.evaluation.harness_cli",
     "comm_cli.experiments.*.demo",
     "comm_cli.experiments.*.seeds",

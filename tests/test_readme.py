@@ -51,8 +51,6 @@ KNOWN_NEEDS = {"gpu", "hub", "network"}
 LANDS_WITH_BRANCH = {
     "comm-generate": "genchat",
     "comm-chat": "genchat",
-    "comm-launch": "launch",
-    "comm-config": "launch",
 }
 # The README's comm-train lines run on the stand-ins with this budget appended.
 TRAIN_BUDGET = ["trainer.max_steps=30", "trainer.eval_every=15", "trainer.save_every=15"]

@@ -17,6 +17,7 @@ from tests.helpers import (
     base_args,
     build_workspace,
     cli_env,
+    install_wheel,
     max_abs_diff,
     run_module,
     run_train,
@@ -461,35 +462,8 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 @pytest.mark.slow
 def test_installed_console_script_runs_from_another_directory(tmp_path):
     """A regular (non-editable) install, used from outside the checkout, finds its configs."""
-    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
-    build = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(wheel_dir),
-            str(Path(__file__).parents[1]),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert build.returncode == 0, build.stderr[-2000:]
-    wheel = next(wheel_dir.glob("comm_cli-*.whl"))
-    import zipfile
-
-    names = zipfile.ZipFile(wheel).namelist()
+    target, names = install_wheel(tmp_path)
     assert "comm_cli/conf/train.yaml" in names and "comm_cli/conf/experiment/kv_arithmetic.yaml" in names
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-        capture_output=True,
-        text=True,
-    )
-    assert install.returncode == 0, install.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**cli_env(), "PYTHONPATH": str(target)}

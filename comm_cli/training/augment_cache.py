@@ -34,6 +34,7 @@ import torch
 
 from comm_cli.atomic import building, read_manifest, write_manifest
 from comm_cli.compose.loading import dtype_name, torch_dtype
+from comm_cli.training.faults import pause_in_setup
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ def build_cache(
                 model, dataset, tmp, augment, layer_list, width, dtype, batch_size, shard_tokens, progress
             )
         bytes_per_token = sum(width for _, _, width in layers) * np.dtype(_NUMPY[dtype]).itemsize
+        pause_in_setup("in the augment-state cache build: its states are written, its manifest not")
         write_manifest(
             tmp,
             {

@@ -7,7 +7,7 @@
 
 Each opens its cache when a complete one for exactly this data and these models is there, and
 otherwise has the main process build it while the other processes of the node wait
-(``main_process_first``), then find it.
+(``ranks.main_process_first``: a failure on any process stops them all), then find it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from comm_cli.compose import ComposedModel
 from comm_cli.errors import ConfigError
+from comm_cli.training.ranks import main_process_first
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +31,19 @@ def with_example_ids(train):
     return train.add_column("example_id", list(range(len(train))))
 
 
-def _open_or_build(accelerator, open_cache: Callable, build: Callable, missing: str):
-    """(the cache, whether it was there already): opened, or built by the main process."""
-    with accelerator.main_process_first():
+def _open_or_build(accelerator, open_cache: Callable, build: Callable, missing: str, what: str):
+    """(the cache, whether it was there already): opened, or built by the main process. A build
+    that fails (or a stop signal during it) stops every process at once (``ranks``)."""
+
+    def open_or_build():
         cache = open_cache()
         if cache is not None:
             return cache, True
         if not accelerator.is_main_process:
             raise ConfigError(missing)
         return build(), False
+
+    return main_process_first(accelerator, what, open_or_build)
 
 
 def augment_cache_collator(
@@ -72,6 +77,7 @@ def augment_cache_collator(
         lambda: AugmentStateCache.open(directory, fingerprint),
         build,
         f"the augment-state cache in {directory} is missing on this node: use a shared cache_dir",
+        "building the augment-state cache",
     )
     if reused:
         logger.info("reusing cached augment states in %s", directory)
@@ -142,6 +148,7 @@ def anchor_prefix_collator(collator, model, train, accelerator, trainer_cfg, anc
         build,
         f"the anchor prefix cache in {directory} is missing on this node: "
         "use a shared trainer.anchor_prefix_cache_dir",
+        "building the anchor-prefix cache",
     )
     if reused:
         logger.info("reusing the anchor's cached prefix states (%d layers) in %s", length, directory)

@@ -15,11 +15,13 @@ processes divided by the number of loss-carrying tokens in that global batch, so
 with batch b give the same update as one process with batch k*b (and gradient accumulation is
 exact too).
 
-Faults (see ``checkpoint_client.py``, ``preemption.py``, ``engines.py``, ``faults.py``):
-SIGTERM/SIGINT write a checkpoint at the next step boundary and exit 75; a checkpoint that cannot
-be written (a full disk) is removed and the previous one stays; a checkpoint that fails its
-checksums is skipped by ``resume=auto``. Under every engine a checkpoint holds only trained
-parameters and their optimizer state.
+Faults (see ``checkpoint_client.py``, ``preemption.py``, ``ranks.py``, ``engines.py``,
+``faults.py``): SIGTERM/SIGINT during start-up stop at once, and once training runs write a
+checkpoint at the next step boundary; both exit 75. A setup step that fails on one process (a
+file missing on one node) stops every process with one line. A checkpoint that cannot be written
+(a full disk) is removed and the previous one stays; a checkpoint that fails its checksums is
+skipped by ``resume=auto``. Under every engine a checkpoint holds only trained parameters and
+their optimizer state.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from comm_cli.training import checkpoint as ckpt
 from comm_cli.training import engines
 from comm_cli.training.caches import anchor_prefix_collator, augment_cache_collator, with_example_ids
 from comm_cli.training.checkpoint_client import CheckpointClient
-from comm_cli.training.faults import KILL_AT_STEP, kill_if_asked, step_seconds
+from comm_cli.training.faults import KILL_AT_STEP, kill_if_asked, step_seconds, with_missing_model
 from comm_cli.training.loaders import micro_batches, train_loader, validation_loader
 from comm_cli.training.models import (
     batch_loss,
@@ -56,7 +58,7 @@ from comm_cli.training.models import (
 )
 from comm_cli.training.optim import build_optimizer, build_scheduler
 from comm_cli.training.preemption import StopSignals
-from comm_cli.training.ranks import any_process
+from comm_cli.training.ranks import any_process, main_process_first, together
 from comm_cli.training.run_report import closing_lines
 from comm_cli.training.step_log import StepLog
 from comm_cli.training.trackers import log_with, start_trackers
@@ -65,26 +67,30 @@ logger = logging.getLogger(__name__)
 
 
 class TrainRecipe:
-    def __init__(self, cfg, raw_config):
+    def __init__(self, cfg, raw_config, stop: StopSignals | None = None):
         """``cfg``: the typed TrainConfig object (its values checked by the schema); ``raw_config``:
-        the resolved config as a dict."""
+        the resolved config as a dict; ``stop``: the job's stop signals when they are caught from
+        its start (comm-train), else the loop catches them itself."""
         self.cfg = cfg
         self.raw_config = raw_config
         self.run_dir = Path(cfg.output_dir).resolve()
         self.state = ckpt.TrainerState()
-        self.stop = StopSignals()
+        self.stop = stop or StopSignals()
         self.checkpoints: CheckpointClient | None = None
         self.anchor_prefix = None  # replays the anchor's cached bottom layers (cache_anchor_prefix)
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
+        """Every step that one process may fail alone (a file missing on its node) is agreed:
+        a failure anywhere stops every process with one line (``ranks.together``)."""
         cfg = self.cfg
         self._setup_accelerator(cfg.trainer, cfg.logger, cfg.seed)
-        self._validate_models(cfg)  # from the model configs alone, before the run directory is touched
+        # from the model configs alone, before the run directory is touched
+        together(self.accelerator, "checking the models", lambda: self._validate_models(cfg))
         self._setup_run_dir(cfg)
         self._setup_tokenizer_and_data(cfg)
-        self._setup_model(cfg)
+        together(self.accelerator, "loading the models", lambda: self._setup_model(cfg))
         self._setup_loaders(cfg.trainer, cfg.seed, cfg.bridge.dtype, cfg.anchor)
         self._setup_optimizer(cfg.optimizer, cfg.scheduler, cfg.trainer)
         self._setup_tracker(cfg.logger, cfg.name)
@@ -144,17 +150,25 @@ class TrainRecipe:
         self.checkpoints.report()
 
     def _setup_tokenizer_and_data(self, cfg) -> None:
-        self.tokenizer = load_anchor_tokenizer(cfg.anchor, cfg.tokenizer)
-        self.calm_plan = None
-        with self.accelerator.main_process_first():
+        """The anchor's tokenizer, the plan of how each model reads text, the tokenized splits:
+        on the main process first (the others then read the datasets cache it filled)."""
+        acc = self.accelerator
+        self.tokenizer = together(
+            acc, "loading the anchor's tokenizer", lambda: load_anchor_tokenizer(cfg.anchor, cfg.tokenizer)
+        )
+
+        def read() -> tuple:
             raw = raw_splits(cfg.data, cfg, seed=cfg.seed)
+            plan = None
             if cfg.method.name == "calm":
-                self.calm_plan = plan_calm(cfg, self.tokenizer, sample_texts(raw["train"], cfg.data))
-            self.plan = self.calm_plan.reading if self.calm_plan else None
-            self.splits = tokenized_splits(raw, self.tokenizer, cfg.data, self.plan)
+                plan = plan_calm(cfg, self.tokenizer, sample_texts(raw["train"], cfg.data))
+            return plan, tokenized_splits(raw, self.tokenizer, cfg.data, plan.reading if plan else None)
+
+        self.calm_plan, self.splits = main_process_first(acc, "reading the data", read)
+        self.plan = self.calm_plan.reading if self.calm_plan else None
 
     def _setup_model(self, cfg) -> None:
-        self.model = build_model(cfg, self.calm_plan)
+        self.model = build_model(with_missing_model(cfg, self.accelerator.process_index), self.calm_plan)
         if isinstance(self.model, ComposedModel):
             plan = self.plan
             readers = plan.augment_readers if plan else [None] * len(self.model.augments)
@@ -266,6 +280,7 @@ class TrainRecipe:
             logger.info("trainer.prepare_only=true: data, models and caches are ready; no step taken")
             return {}
         with self.stop:
+            self.stop.training()
             return self._train()
 
     def _stop_requested(self) -> bool:
