@@ -15,6 +15,8 @@ keys/values of augment positions already seen.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +53,7 @@ class Bridge(nn.Module):
                 f"bridge.rotary needs an even head size, but {anchor_dim}/{config.num_heads} = {self.head_dim}: "
                 "change bridge.num_heads or set bridge.rotary=false"
             )
+        self.scale = 1.0 / math.sqrt(self.head_dim)  # SDPA's default; attention_weights uses it too
         self.rotary = config.rotary
         self.rope_theta = config.rope_theta
         self.dropout = config.dropout
@@ -119,6 +122,27 @@ class Bridge(nn.Module):
             queries = apply_rotary(queries, cos, sin)
         return queries
 
+    def attention_weights(
+        self,
+        anchor_states: torch.Tensor,
+        keys: torch.Tensor,
+        positions: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """The attention probabilities (batch, heads, queries, keys) that ``forward`` uses on the
+        same inputs, computed explicitly (``forward`` runs SDPA, which never materialises them):
+        for diagnostics and attention pictures. A query with no visible key gets all zeros."""
+        queries = self.queries(anchor_states, positions)
+        scores = (queries @ keys.to(queries.dtype).transpose(-1, -2)) * self.scale
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        if is_causal:
+            q, k = scores.shape[-2:]
+            causal = torch.ones(q, k, dtype=torch.bool, device=scores.device).tril(k - q)
+            scores = scores.masked_fill(~causal, float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
     def forward(
         self,
         anchor_states: torch.Tensor,
@@ -143,6 +167,7 @@ class Bridge(nn.Module):
             attn_mask=attn_mask,
             is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
         )
         batch, _, seq, _ = out.shape
         out = self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
