@@ -130,3 +130,18 @@ def test_gate_and_flat_summary():
     assert flat["bridge1/gate"] == pytest.approx(math.tanh(0.5))
     assert "bridge0/answer_mass" not in flat  # no answer positions named: not measured
     assert BridgeProbe(model).readings() == [None, None]  # nothing ran under it
+
+
+def test_answer_keys_per_query():
+    """Each query may have its own answer key (the n-th digit reads the n-th key): uniform
+    attention puts 1/(i+1) on any one key that query i sees."""
+    model = compose()
+    for bridge in model.bridges:
+        torch.nn.init.zeros_(bridge.q_proj.weight)
+    ids = random_ids(1, 6)
+    answer = torch.zeros(1, 6, 6, dtype=torch.bool)
+    answer[0, 3, 1] = answer[0, 5, 4] = True  # query 3 reads key 1, query 5 reads key 4
+    with torch.no_grad(), BridgeProbe(model) as probe:
+        model(ids)
+    reading = probe.readings(answer_keys=answer)[0]
+    assert reading["answer_mass"] == pytest.approx((1 / 4 + 1 / 6) / 2, abs=1e-6)

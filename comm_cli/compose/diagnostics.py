@@ -12,7 +12,7 @@ nothing (docs/training_dynamics.md). These numbers say where a run is:
 - ``answer_mass`` / ``answer_mass_best_head``: when the caller names the augment positions that
   hold the answer (e.g. the key's last character; the person's name), the attention mass on them,
   at the queries the caller names (default: every real query that can see one), averaged over
-  heads / of the head that puts most there.
+  heads / of the head that puts most there (one head that reads is enough).
 - ``gate``: tanh(g) of a gated bridge.
 - after a backward, ``gradient_norms``: the L2 norm of each parameter group's gradient (W_Q, W_K,
   W_V, W_O, projection, gate), and ``weight_norms`` the same of the weights.
@@ -106,8 +106,10 @@ class BridgeProbe:
 
         ``query_mask`` (batch, queries), 1 on real anchor tokens (the forward's attention mask
         over these columns; default: every column). ``answer_keys`` (batch, keys) marks the
-        augment positions that hold the answer; ``answer_queries`` (batch, queries) the anchor
-        positions where reading them matters (default: real queries that see an answer key)."""
+        augment positions that hold the answer, or (batch, queries, keys) per query when each
+        query has its own (e.g. the n-th answer digit reads the n-th key); ``answer_queries``
+        (batch, queries) the anchor positions where reading them matters (default: real
+        queries that see an answer key)."""
         return [
             None if call is None else _reading(bridge, call, query_mask, answer_keys, answer_queries)
             for bridge, call in zip(self.bridges, self.calls)
@@ -142,7 +144,10 @@ def _reading(bridge: Bridge, call: dict, query_mask, answer_keys, answer_queries
 
     reading["answer_mass"] = reading["answer_mass_best_head"] = None
     if answer_keys is not None:
-        answer = answer_keys.to(device).bool()[:, None, :] & visible  # (batch, queries, keys)
+        answer = answer_keys.to(device).bool()
+        if answer.dim() == 2:  # the same keys for every query
+            answer = answer[:, None, :]
+        answer = answer[:, -num_queries:] & visible  # (batch, queries, keys)
         where = real & answer.any(-1)
         if answer_queries is not None:
             where &= answer_queries[:, -num_queries:].to(device).bool()
