@@ -47,7 +47,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # datasets and transformers progress
 import torch  # noqa: E402
 
 # Named settings: Hydra overrides on top of experiment=<E>. The options a setting may use are
-# BridgeConfig fields (bridge.*), optimizer.* / scheduler.* / trainer.* keys of comm-train.
+# BridgeConfig fields (bridge.*), optimizer.* / scheduler.* / trainer.* keys of comm-train, and
+# ``lr_scales=q_proj:3,k_proj:3`` (optimizer lr_scales of comm_cli.training.optim, which the
+# train config does not carry yet).
 SETTINGS: dict[str, list[str]] = {
     "base": [],
 }
@@ -388,6 +390,12 @@ def run(setting: Setting, experiment: str, specialist_seed: int, calm_seed: int,
     from comm_cli.training.optim import build_optimizer, build_scheduler
 
     overrides = [*args.override, *setting.overrides, f"seed={calm_seed}"]
+    lr_scales = {}
+    for item in [o for o in overrides if o.startswith("lr_scales=")]:
+        overrides.remove(item)
+        for pair in item.split("=", 1)[1].split(","):
+            key, _, value = pair.partition(":")
+            lr_scales[key] = float(value)
     if args.steps:
         overrides.append(f"trainer.max_steps={args.steps}")
     cfg = compose(experiment, specialist_seed, overrides)
@@ -407,6 +415,8 @@ def run(setting: Setting, experiment: str, specialist_seed: int, calm_seed: int,
     set_seed(calm_seed)
     caches, replay = bases.caches(model, cfg)
     model.train()
+    if lr_scales:
+        cfg.optimizer.lr_scales = lr_scales
     optimizer = build_optimizer(model, cfg.optimizer)
     total = int(cfg.trainer.max_steps)
     scheduler = build_scheduler(optimizer, cfg.scheduler, total)
@@ -414,7 +424,7 @@ def run(setting: Setting, experiment: str, specialist_seed: int, calm_seed: int,
     steps_per_epoch = len(bases.train) // batch_size
     common = dict(run=run_id, setting=setting.name, overrides=setting.overrides, experiment=experiment,
                   specialist_seed=specialist_seed, calm_seed=calm_seed)  # fmt: skip
-    log(event="start", **common, steps=total, lr=cfg.optimizer.lr, bridge=vars(cfg.bridge),
+    log(event="start", **common, steps=total, lr=cfg.optimizer.lr, lr_scales=lr_scales, bridge=vars(cfg.bridge),
         scheduler=vars(cfg.scheduler), threads=torch.get_num_threads(), machine=platform.machine())  # fmt: skip
 
     def evaluate(step: int, window: list[float], train_probe, grads) -> dict:
