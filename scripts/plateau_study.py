@@ -140,6 +140,8 @@ class Bases:
         tokenized, _ = tokenize_split(rows, self.tokenizer, data_cfg, split_name="heldout")
         tokenized = tokenized.add_column("example_id", list(range(len(tokenized))))
         marks = [self._answer_marks(rows[i], tokenized[i]) for i in range(len(rows))]
+        if any(m["answer_position"] + 1 >= len(t) for m, t in zip(marks, tokenized["input_ids"])):
+            raise SystemExit("held-out rows were cut before their answer: raise data.max_length (--override)")
         for key in ("answer_position", "answer_keys", "name_keys"):
             tokenized = tokenized.add_column(key, [m[key] for m in marks])
         return tokenized
