@@ -10,8 +10,9 @@ work computed once per specialist build and reused by every run (the real-facts 
 Every ``--eval-every`` steps it logs, as one JSON line:
 
 - held-out validation accuracy, teacher-forced: the first city token of the one-hop answer for
-  held-out people (real facts), every token of the completion for expressions over held-out keys
-  (key-value, which equals greedy exact match of the whole completion); and its loss;
+  held-out people (real facts; its loss is that token's), every token of the completion for
+  expressions over held-out keys (key-value, which equals greedy exact match of the whole
+  completion; its loss is over the completion);
 - per bridge, on a held-out batch: output/state norm ratio, attention entropy, the attention mass
   at the answer position on the tokens that hold the answer (key-value: the operand's key's last
   character; real facts: the person's name, and the answer position itself, where the specialist
@@ -270,6 +271,12 @@ def heldout_scores(model, replay, bases: Bases, caches, batch_size: int = 50) ->
         labels = batch["labels"]
         targets = labels[:, 1:]
         where = targets != -100
+        if bases.experiment == "real_facts":
+            # the head (49k words) at the answer position only: the loss is the city token's, and
+            # "exact" is that token too
+            where = torch.zeros_like(where)
+            for i, row in enumerate(rows):
+                where[i, row["answer_position"]] = True
         logits = head.logits(hidden[:, :-1][where]).float()
         loss_sum += torch.nn.functional.cross_entropy(logits, targets[where], reduction="sum").item()
         loss_tokens += where.sum().item()
