@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # in pytest's own process.
 TEST_WORKERS ?= 2
 
-.PHONY: install install-deepspeed test test-fast lint format clean demo demo-seeds demo-cross demo-encoder demo-real bench bench-sweep
+.PHONY: install install-deepspeed test test-fast lint format clean demo demo-seeds demo-cross demo-encoder demo-real bench bench-sweep gpu-suite gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -73,3 +73,16 @@ format: install
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+
+# The GPU suite (docs/gpu.md): decoding, MFU per loss backend, bf16 correctness and a real-facts
+# run in one go of <= 8 minutes, gpu_suite.json + gpu_suite.log into $(OUT). No install step: on a
+# lent GPU it runs under the machine's python3 and installs the carried wheels (make gpu-wheels)
+# itself. DRY=1 runs every case on this CPU with tiny shapes.
+OUT ?= gpu_out
+SUITE_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-suite:
+	PYTHON=$(SUITE_PYTHON) bash scripts/gpu_suite.sh --out $(OUT) $(SUITE_ARGS)
+
+# The wheels and the real-facts anchor the GPU machine cannot download (.whl/, .gpu_anchor/).
+gpu-wheels: install
+	PYTHON=$(BIN)/python bash scripts/fetch_gpu_wheels.sh

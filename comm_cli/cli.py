@@ -1,18 +1,18 @@
 """What `comm-train` and `comm-eval` share: where the configs live, how a user's mistake is
-reported (one line, exit status 2, whether comm or Hydra found it), and logging that only the
-main process writes.
+reported (one line, exit status 2, whether comm or Hydra found it); logging that only the main
+process writes comes from ``comm_cli.logs``.
 """
 
 from __future__ import annotations
 
 import difflib
-import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from comm_cli.errors import CommError, TrainingStopped
+from comm_cli.errors import CommError, ConfigError, TrainingStopped
+from comm_cli.logs import is_main_process, setup_logging  # noqa: F401  (re-exported for the entry points)
 
 EXIT_USER_ERROR = 2
 # Stopped on SIGTERM/SIGINT after a checkpoint (sysexits' EX_TEMPFAIL: "try again later").
@@ -32,6 +32,139 @@ def config_dir() -> str:
     )
 
 
+def command(
+    program: str,
+    config_name: str,
+    run: Callable,
+    schema: Callable[[], type],
+    argv_hook=None,
+    run_directory: bool = True,
+):
+    """The ``main()`` of a Hydra command (``comm-train``, ``comm-eval``, ...): comm's --help page,
+    ``argv_hook`` (overrides the command derives from the ones given), misspelt keys refused
+    before Hydra composes, then ``run(cfg)`` with every user mistake reported in one line.
+    ``run_directory``: the command writes into Hydra's run directory (removed again when a start
+    fails before writing anything); commands that write none (comm-generate, ...) say False."""
+    import hydra
+
+    from comm_cli.help import accepted_groups
+
+    @hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)
+    def hydra_main(cfg) -> None:
+        task_started()
+        resolve_output_dir(cfg)
+        run_dir = cfg.output_dir if run_directory else None
+        run_reporting_errors(program, lambda: run(cfg), run_dir=run_dir)
+
+    def main() -> None:
+        help_if_asked(program, sys.argv[1:])
+        if argv_hook is not None:
+            sys.argv[1:] = argv_hook(sys.argv[1:])
+        check_override_keys(program, sys.argv[1:], schema(), accepted_groups(program))
+        run_hydra(program, hydra_main)
+
+    return main
+
+
+def typed_config(cfg, check: Callable[[object], None]):
+    """The typed config of a composed one, its values checked, the console quieted unless verbose."""
+    typed = to_typed(cfg)
+    quiet_libraries(typed.verbose)
+    check(typed)
+    return typed
+
+
+def help_if_asked(program: str, argv: list[str]) -> None:
+    """``--help`` / ``-h``: comm's own page for the command (``comm_cli.help``), then exit 0."""
+    if "--help" in argv or "-h" in argv:
+        from comm_cli.help import page
+
+        print(page(program, config_dir()))
+        sys.exit(0)
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Library progress bars (datasets' map, transformers' weight loading and saving) and their
+    INFO logs only with verbose=true: the console keeps comm's own lines and its progress bar."""
+    if verbose:
+        return
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def register_configs() -> None:
+    """Before a config is composed: register the experiments (built-in and plugged in), the
+    schema built from them, their resolvers, and the Hydra config directories plugins ship."""
+    from comm_cli import experiments, registry
+    from comm_cli.schema import register_schemas
+
+    experiments.load()
+    register_schemas()
+    directories = [e.config_dir for e in registry.experiments() if e.config_dir]
+    if directories:
+        _add_config_search_path(directories)
+
+
+def _add_config_search_path(directories: list[str]) -> None:
+    """Let Hydra find configs in ``directories`` too (after comm's own): an experiment that lives
+    outside comm ships its ``experiment/NAME.yaml`` and presets there."""
+    from hydra.core.config_search_path import ConfigSearchPath
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+    class ExperimentConfigs(SearchPathPlugin):
+        def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+            for directory in directories:
+                path = directory if "://" in directory else f"file://{Path(directory).resolve()}"
+                search_path.append(provider="comm-experiment", path=path)
+
+    Plugins.instance().register(ExperimentConfigs)
+
+
+def to_typed(cfg):
+    """The typed config of a composed one. A required value left unset, a dataclass check (a
+    mapping with two forms) and an interpolation that names a section nobody set (``${kv.dir}``
+    in a preset of an experiment the config does not use) each end in one ConfigError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import (
+        InterpolationKeyError,
+        InterpolationToMissingValueError,
+        MissingMandatoryValue,
+    )
+
+    from comm_cli import registry
+
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as err:
+        hint = "give it on the command line or in a config file"
+        if err.full_key in ("anchor.name_or_path", "augment.name_or_path"):
+            hint = (
+                "name your models (anchor.name_or_path=... augment.name_or_path=..., a hub id or a directory, "
+                "or a preset such as anchor=qwen2_5_1_5b) or run a built-in experiment (experiment=kv_arithmetic)"
+            )
+        raise ConfigError(f"{err.full_key} is not set: {hint}") from err
+    except (InterpolationKeyError, InterpolationToMissingValueError) as err:
+        text = str(err).splitlines()[0]
+        owners = [e for e in registry.experiments() if e.section and f"'{e.section}." in text]
+        hint = (
+            f"it belongs to the {owners[0].name} experiment: add experiment={owners[0].name} (or {owners[0].section}={{}})"
+            if owners
+            else "set the key it names, or drop the preset that uses it"
+        )
+        raise ConfigError(f"{err.full_key}: {text}: {hint}") from err
+
+
 def resolve_output_dir(cfg) -> None:
     """``output_dir: null`` means Hydra's run directory (``outputs/<name>``, or the sweep job's)."""
     from hydra.core.hydra_config import HydraConfig
@@ -42,72 +175,38 @@ def resolve_output_dir(cfg) -> None:
             cfg.output_dir = HydraConfig.get().runtime.output_dir
 
 
-def is_main_process() -> bool:
-    """Rank 0 (of the whole job) as Accelerate/torchrun announce it through the environment."""
-    return os.environ.get("RANK", "0") == "0"
+def remove_if_unused(run_dir: str | Path | None) -> None:
+    """Remove a run directory that a failed start left empty (Hydra makes it before the job runs;
+    a lock file alone holds nothing either), so a mistyped command leaves no trace."""
+    if not run_dir or not is_main_process():
+        return
+    path = Path(run_dir)
+    try:
+        entries = list(path.iterdir())
+        if all(entry.name == ".lock" and entry.is_file() for entry in entries):
+            for entry in entries:
+                entry.unlink()
+            path.rmdir()
+    except OSError:
+        pass  # not there, or not empty after all: leave it
 
 
-# Libraries whose INFO lines are detail for the log file, not the console (Accelerate prints six
-# lines per checkpoint; comm prints one of its own).
-_FILE_ONLY_INFO = ("accelerate", "deepspeed", "torch.distributed")
-
-
-class _ConsoleFilter(logging.Filter):
-    """Keep the console to comm's own lines: other libraries' INFO goes to the log file only."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
-            return True
-        return not any(record.name == n or record.name.startswith(f"{n}.") for n in _FILE_ONLY_INFO)
-
-
-def setup_logging(log_file: Path | None = None, main_process: bool | None = None) -> None:
-    """INFO to stdout on the main process (WARNING elsewhere), plus ``log_file`` (appended, so a
-    resumed run keeps its history) on the main process. Accelerate's and DeepSpeed's INFO lines
-    go to the file only."""
-    main_process = is_main_process() if main_process is None else main_process
-    root = logging.getLogger()
-    for handler in list(root.handlers):  # Hydra's or an earlier job's
-        root.removeHandler(handler)
-        if getattr(handler, "_comm", False):
-            handler.close()
-    root.setLevel(logging.INFO if main_process else logging.WARNING)
-    fmt = logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s", "%H:%M:%S")
-    stream = logging.StreamHandler(sys.stdout)
-    stream.setFormatter(fmt)
-    stream.addFilter(_ConsoleFilter())
-    stream._comm = True
-    root.addHandler(stream)
-    if log_file is not None and main_process:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file, mode="a")
-        file_handler.setFormatter(fmt)
-        file_handler._comm = True
-        root.addHandler(file_handler)
-    for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def reset_accelerate_state() -> None:
-    """Forget the process-wide Accelerate state, so that the next job in this process (a Hydra
-    sweep's next run, a test) builds a fresh Accelerator with its own settings."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-
-
-def run_reporting_errors(program: str, fn: Callable[[], object]) -> object:
+def run_reporting_errors(program: str, fn: Callable[[], object], run_dir=None) -> object:
     """Run ``fn``; a CommError becomes one line on stderr and exit status 2; a requested stop
-    (SIGTERM/SIGINT, checkpoint written) one line and exit status 75."""
+    (SIGTERM/SIGINT, checkpoint written) one line and exit status 75. A ``run_dir`` that the failed
+    start left empty is removed."""
     try:
         return fn()
     except CommError as err:
+        remove_if_unused(run_dir)
         print(f"{program}: error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     except TrainingStopped as stop:
         print(f"{program}: {stop}", file=sys.stderr, flush=True)
         sys.exit(EXIT_STOPPED)
+    except BaseException:
+        remove_if_unused(run_dir)
+        raise
 
 
 _task = {"started": False}
@@ -147,6 +246,14 @@ def hydra_error_line(err: BaseException, program: str) -> str:
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     hint = f"`{program} --cfg job` prints every key and its value"
+    if "Unexpected type for root: NoneType" in str(err.__cause__ or err):
+        # OmegaConf cannot set a.b=x where a is null: an experiment's section nobody turned on
+        sections = ", ".join(f"{e.section} ({e.name})" for e in _experiment_sections())
+        return (
+            "an override sets a key inside a section that is null in this config (experiment sections: "
+            f"{sections or 'none'}): choose the experiment or suite that uses it (experiment=NAME, suite=NAME), "
+            f"or set the whole section (e.g. kv={{dir: /path}}); {hint}"
+        )
     if isinstance(err, MissingConfigException) and err.missing_cfg_file:
         group, _, option = str(err.missing_cfg_file).rpartition("/")
         if group and err.options:
@@ -169,6 +276,12 @@ def hydra_error_line(err: BaseException, program: str) -> str:
     if isinstance(err, OverrideParseException):
         return f"cannot parse the override '{err.override}': {_all_lines(err)}"
     return f"the config cannot be composed: {_all_lines(err)} ({hint})"
+
+
+def _experiment_sections():
+    from comm_cli import registry
+
+    return [e for e in registry.experiments() if e.section]
 
 
 def _first_line(err: BaseException) -> str:

@@ -9,7 +9,8 @@ Only positions whose next label carries loss are scored. Three entry points, fro
   (``logits_to_keep=loss_mask(labels)``);
 - ``next_token_loss``: logits at every position (generation-style outputs, a user's own logits).
 
-All three give the same value (float32) and the same gradients.
+All three give the same value (float32) and the same gradients. ``causal_lm_loss`` runs a causal
+LM the cheapest way its head allows.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from comm_cli.linear_ce import linear_cross_entropy
-from comm_cli.output_head import OutputHead
+from comm_cli.output_head import OutputHead, keeps_loss_logits, output_head
 
 # Label of a position that carries no loss (prompt tokens, padding); PyTorch's default ignore_index.
 IGNORE_INDEX = -100
@@ -80,3 +81,17 @@ def hidden_states_loss(
     targets = loss_targets(labels)
     total = linear_cross_entropy(hidden[loss_mask(labels)], head, targets, backend)
     return _reduce(total, targets.numel(), reduction)
+
+
+def causal_lm_loss(model, inputs: dict, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The next-token loss of a causal LM over ``inputs`` without its full logits: its base model's
+    hidden states through its head at the loss positions only, or, for a head comm cannot apply
+    itself, the logits of those positions (or, where the model cannot keep only them, all)."""
+    head = output_head(model)
+    if head is not None:
+        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+        return hidden_states_loss(hidden, labels, head, reduction)
+    if keeps_loss_logits(model):
+        logits = model(**inputs, use_cache=False, logits_to_keep=loss_mask(labels)).logits
+        return kept_logits_loss(logits, loss_targets(labels.to(logits.device)), reduction)
+    return next_token_loss(model(**inputs, use_cache=False).logits, labels, reduction)

@@ -3,8 +3,10 @@
 Hydra merges every YAML file and command-line override onto these dataclasses, so an unknown
 key or a value of the wrong type is rejected with the key's full name before any model loads.
 The composition's own pieces (ModelSpec, MappingSpec, BridgeConfig) and the data config are the
-same dataclasses the library uses, so the schema cannot drift from the code. Each built-in
-experiment's own sections (``kv``, ``data.kv``, ``facts``, ``data.facts``) come from its package under ``comm_cli.experiments``.
+same dataclasses the library uses, so the schema cannot drift from the code. The sections of the
+experiments (a top-level one and one under ``data``, e.g. ``kv`` and ``data.kv``) come from the
+experiment registry (``comm_cli.registry``): ``build_schemas`` adds each registered experiment's
+sections to the classes below, null unless a config sets them. This module names no experiment.
 """
 
 from __future__ import annotations
@@ -16,15 +18,14 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from comm_cli import registry
 from comm_cli.compose.specs import BridgeConfig, MappingSpec, ModelSpec
 from comm_cli.data.loading import DataConfig
 from comm_cli.errors import ConfigError
-from comm_cli.experiments.kv_arithmetic.config import KVSpecialistsConfig, KVTaskConfig
-from comm_cli.experiments.kv_arithmetic.specialists import SpecialistSettings
-from comm_cli.experiments.real_facts.config import FactsConfig, FactsTaskConfig
-from comm_cli.experiments.real_facts.specialists import FactsSettings
 
 METHODS = ("calm", "lora", "full")
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
+SCHEDULERS = ("cosine", "linear", "constant")
 
 
 @dataclass
@@ -41,8 +42,6 @@ class DataSchema(DataConfig):
     # When set, the data are generated in memory by this experiment's generator (comm_cli.data.build)
     # instead of read with `datasets.load_dataset`.
     synthetic: str | None = None
-    kv: KVTaskConfig = field(default_factory=KVTaskConfig)
-    facts: FactsTaskConfig = field(default_factory=FactsTaskConfig)
 
 
 @dataclass
@@ -126,12 +125,16 @@ class LoggerConfig:
 
 @dataclass
 class TrainConfig:
-    name: str = "kv_arithmetic"  # the run's name: its directory is <output_root>/<name>
+    # Which settings this run started from: "custom" (comm's general defaults for a pair of your
+    # own) or the experiment preset chosen with experiment=NAME (it sets this key).
+    experiment: str = "custom"
+    name: str = "run"  # the run's name: its directory is <output_root>/<name>
     output_root: str = "outputs"
     output_dir: str | None = None  # None: Hydra's run directory (hydra.run.dir / the sweep job's)
     resume: str | None = None  # null | auto | PATH to a checkpoint directory
     overwrite: bool = False  # replace a run directory that holds another run
     seed: int = 0
+    verbose: bool = False  # library progress bars and INFO logs on the console too
     anchor: ModelSpec = MISSING
     augment: ModelSpec = MISSING
     mapping: MappingSpec = MISSING
@@ -149,8 +152,19 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    kv: KVSpecialistsConfig = field(default_factory=KVSpecialistsConfig)
-    facts: FactsConfig = field(default_factory=FactsConfig)
+
+
+@dataclass
+class BaseModelChoice(ModelSpec):
+    """comm-eval's anchor / augment: a model spec whose ``name_or_path`` may stay unset, since a
+    saved composition names its own bases (set it to evaluate a base model alone, or to load a
+    composition's base from another place)."""
+
+    name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name_or_path is not None:
+            super().__post_init__()
 
 
 @dataclass
@@ -191,7 +205,13 @@ class EvalTask:
     regex: str | None = None  # extract=regex: the first group (or the whole match)
     max_examples: int | None = None
     max_new_tokens: int | None = None  # None: generation.max_new_tokens
+    # Generate at most as many tokens as the longest reference has, plus a few (an answer longer
+    # than every reference cannot match it): what your own prompt/completion file gets.
+    fit_to_references: bool = False
     stop: list[str] = field(default_factory=list)  # generation ends at any of these strings
+    # Pose each prompt as a user turn of the anchor's chat template (instruct models); a code task
+    # then asks for the code in a ```python block and runs the code of the reply.
+    chat_template: bool = False
     code: CodeTaskConfig = field(default_factory=CodeTaskConfig)
 
 
@@ -217,28 +237,97 @@ class EvalConfig:
     output_root: str = "outputs"
     output_dir: str | None = None  # None: Hydra's run directory (hydra.run.dir / the sweep job's)
     seed: int = 0
+    verbose: bool = False  # library progress bars and INFO logs on the console too
     # what to evaluate: calm (a saved composition at `checkpoint`), anchor, augment, lora (a PEFT
     # adapter at `checkpoint`), full (a fine-tuned model directory at `checkpoint`)
     model: str = "calm"
     checkpoint: str | None = None
-    anchor: ModelSpec = MISSING
-    augment: ModelSpec = MISSING
+    anchor: BaseModelChoice = field(default_factory=BaseModelChoice)
+    augment: BaseModelChoice = field(default_factory=BaseModelChoice)
     tokenizer: str | None = None
     tasks: dict[str, EvalTask] = field(default_factory=dict)
+    # Your own prompt/completion data, scored with loss and exact match (normalised text) as a task
+    # named after the file: comm-eval checkpoint=DIR data.data_files=test.jsonl. With a run's
+    # checkpoint its training data settings (fields, format, length) are the defaults.
+    data: DataSchema = field(default_factory=DataSchema)
     harness: HarnessConfig = field(default_factory=HarnessConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     # Code benchmarks run model-generated programs on this machine (each in its own process with
     # time and memory limits and no network); they run only when this is true.
     execute_untrusted_code: bool = False
-    # with model=calm: also evaluate with the bridges switched off (the anchor's skills kept)
-    bridges_off: bool = False
+    # with model=calm: also evaluate with the bridges switched off (the anchor's skills kept);
+    # null: on when scoring your own data (data.data_files), off otherwise
+    bridges_off: bool | None = None
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    kv: KVSpecialistsConfig = field(default_factory=KVSpecialistsConfig)
-    facts: FactsConfig = field(default_factory=FactsConfig)
     sample_predictions: int = 20  # rows of the predictions table sent to the tracker
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str | None = None  # override the bases' dtype (e.g. bfloat16 on a GPU)
     num_threads: int | None = None
+
+
+@dataclass
+class SamplingConfig:
+    """How text is generated by comm-generate, comm-chat and comm-serve (a request to comm-serve
+    sets its own)."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False  # greedy unless true
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: list[str] = field(default_factory=list)  # a reply ends before any of these strings
+
+
+@dataclass
+class UseConfig:
+    """What comm-generate, comm-chat and comm-serve load and how they pose prompts: a saved
+    composition (model=calm checkpoint=DIR) or a baseline (model=anchor|augment|lora|full)."""
+
+    model: str = "calm"
+    checkpoint: str | None = None
+    anchor: BaseModelChoice = field(default_factory=BaseModelChoice)
+    augment: BaseModelChoice = field(default_factory=BaseModelChoice)
+    tokenizer: str | None = None  # None: the anchor's (a composition's own)
+    output_dir: str | None = None  # unused: these commands write no run directory
+    bridges_off: bool = False  # a composition with its bridges switched off: the anchor alone
+    # Pose prompts through the anchor's chat template: null = when its tokenizer has one
+    chat_template: bool | None = None
+    system: str | None = None  # a system turn before the user's (chat template only)
+    # Prepend the tokenizer's bos token to a plain (non-chat) prompt; None: as the run trained
+    # (its data.add_bos), else true. A chat template brings its own special tokens.
+    add_bos: bool | None = None
+    generation: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int = 0
+    device: str | None = None  # None: cuda when available, else cpu
+    dtype: str | None = None  # override the bases' dtype (e.g. bfloat16 on a GPU)
+    num_threads: int | None = None
+    verbose: bool = False
+
+
+@dataclass
+class GenerateConfig(UseConfig):
+    prompt: str | None = None  # one prompt; or prompts_file; or prompts from stdin
+    prompts_file: str | None = None  # .txt (one prompt a line) or .jsonl (a "prompt" field)
+    output: str | None = None  # jsonl of results (prompt, completion, settings); None: stdout
+    # Print the reply token by token: null = for a single prompt on a terminal
+    stream: bool | None = None
+    batch_size: int = 16
+
+
+@dataclass
+class ChatConfig(UseConfig):
+    pass
+
+
+@dataclass
+class ServeConfig(UseConfig):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # the id /v1/models lists; None: the checkpoint's run name
+    max_batch_size: int = 16  # requests that arrive together are batched up to this
+    batch_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    max_queue: int = 64  # requests waiting past this get 503
+    batching: bool = True  # false: one request at a time (for comparison)
 
 
 # ------------------------------------------------------------------------------------ value checks
@@ -297,7 +386,9 @@ TRAIN_RULES: tuple[Rule, ...] = (
     ("trainer.keep_last", _at_least(0), "how many checkpoints to keep (0 keeps all)"),
     ("trainer.num_workers", _at_least(0), "0 or more data-loading processes"),
     ("trainer.num_threads", _optional(_at_least(1)), "a positive number of CPU threads, or null"),
-    ("method.name", _one_of("calm", "lora", "full"), "one of calm, lora, full"),
+    ("method.name", _one_of(*METHODS), f"one of {', '.join(METHODS)}"),
+    ("optimizer.name", _one_of(*OPTIMIZERS), f"one of {', '.join(OPTIMIZERS)}"),
+    ("scheduler.name", _one_of(*SCHEDULERS), f"one of {', '.join(SCHEDULERS)}"),
     ("method.lora.r", _optional(_at_least(1)), "a positive LoRA rank, or null to match the bridges' budget"),
     ("method.lora.dropout", _fraction, "a dropout probability in [0, 1)"),
     ("optimizer.lr", _positive, "a positive learning rate"),
@@ -339,6 +430,19 @@ EVAL_RULES: tuple[Rule, ...] = (
     ),
 )
 
+USE_RULES: tuple[Rule, ...] = (
+    (
+        "model",
+        _one_of("calm", "anchor", "augment", "lora", "full"),
+        "one of calm, anchor, augment, lora, full",
+    ),
+    ("generation.max_new_tokens", _at_least(1), "a positive number of tokens"),
+    ("generation.temperature", _positive, "a positive temperature"),
+    ("generation.top_k", _optional(_at_least(1)), "a positive k, or null"),
+    ("generation.top_p", _optional(lambda v: _number(v) and 0 < v <= 1), "a probability in (0, 1], or null"),
+    ("num_threads", _optional(_at_least(1)), "a positive number of CPU threads, or null"),
+)
+
 EVAL_TASK_RULES: tuple[Rule, ...] = (
     ("max_examples", _optional(_at_least(1)), "a positive number of examples, or null for all"),
     (
@@ -370,42 +474,77 @@ def check_train_values(cfg: TrainConfig) -> None:
         raise ConfigError("no training budget: set trainer.max_steps=N or trainer.epochs=E")
 
 
+def check_use_values(cfg: UseConfig) -> None:
+    check_values(cfg, USE_RULES)
+
+
 def check_eval_values(cfg: EvalConfig) -> None:
     check_values(cfg, EVAL_RULES)
     for name, task in cfg.tasks.items():
         check_values(task, EVAL_TASK_RULES, prefix=f"tasks.{name}.")
 
 
-def _kv_settings_hash(node) -> str:
-    """``${comm_kv_hash:${kv.specialists}}``: the specialists' settings hash, so that specialists
-    built with other settings live in another directory (a saved composition that names
-    ``<kv.dir>/anchor`` keeps pointing at the weights it was trained with)."""
-    from omegaconf import OmegaConf
+def build_schemas() -> tuple[type, type]:
+    """The train and eval config classes with every registered experiment's sections added
+    (``Optional``, null by default: a config that uses an experiment sets its section)."""
+    from dataclasses import make_dataclass
+    from typing import Optional
 
-    data = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node
-    return SpecialistSettings.from_dict(data).hash()
+    experiments = registry.experiments()
+    data_fields = [
+        # typing.Optional, not `X | None`: OmegaConf reads the former at run time
+        (e.data_section, Optional[e.data_schema], field(default=None))  # noqa: UP045
+        for e in experiments
+        if e.data_section
+    ]
+    data = make_dataclass("DataSchema", data_fields, bases=(DataSchema,))
+    task = make_dataclass("EvalTask", [("data", data, field(default_factory=data))], bases=(EvalTask,))
+    sections = [
+        (e.section, Optional[e.section_schema], field(default=None))  # noqa: UP045
+        for e in experiments
+        if e.section
+    ]
+    train = make_dataclass(
+        "TrainConfig", [("data", data, field(default_factory=data)), *sections], bases=(TrainConfig,)
+    )
+    evaluate = make_dataclass(
+        "EvalConfig",
+        [
+            ("tasks", dict[str, task], field(default_factory=dict)),
+            ("data", data, field(default_factory=data)),
+            *sections,
+        ],
+        bases=(EvalConfig,),
+    )
+    return train, evaluate
 
 
-def _facts_settings_hash(node) -> str:
-    """``${comm_facts_hash:${facts.settings}}``: the real-facts bases of other settings live in
-    another directory."""
-    from omegaconf import OmegaConf
+_SCHEMAS: dict[str, type] = {}
 
-    data = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node
-    return FactsSettings.from_dict(data).hash()
+
+def train_schema() -> type:
+    """The train config class as last registered (``register_schemas``)."""
+    return _SCHEMAS.get("train") or build_schemas()[0]
+
+
+def eval_schema() -> type:
+    return _SCHEMAS.get("eval") or build_schemas()[1]
 
 
 def register_schemas() -> None:
-    """Make the schemas available to Hydra's defaults lists (``- train_schema``) and register
-    comm's resolvers."""
+    """Make the schemas (with the experiments registered so far) available to Hydra's defaults
+    lists (``- train_schema``) and register the experiments' resolvers."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("comm_kv_hash"):
-        OmegaConf.register_new_resolver("comm_kv_hash", _kv_settings_hash)
-    if not OmegaConf.has_resolver("comm_facts_hash"):
-        OmegaConf.register_new_resolver("comm_facts_hash", _facts_settings_hash)
-
+    for experiment in registry.experiments():
+        for name, resolver in experiment.resolvers.items():
+            if not OmegaConf.has_resolver(name):
+                OmegaConf.register_new_resolver(name, resolver)
+    train, evaluate = build_schemas()
+    _SCHEMAS.update(train=train, eval=evaluate)
     store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
-    store.store(name="eval_schema", node=EvalConfig)
+    store.store(name="train_schema", node=train)
+    store.store(name="eval_schema", node=evaluate)
+    for name, node in (("generate", GenerateConfig), ("chat", ChatConfig), ("serve", ServeConfig)):
+        store.store(name=f"{name}_schema", node=node)

@@ -18,7 +18,8 @@ if __package__ in (None, "") and not any(Path(p, "comm_cli").is_dir() for p in s
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from comm_cli.errors import CommError
-from comm_cli.experiments.kv_arithmetic.specialists import SpecialistSettings, ensure_specialists
+from comm_cli.experiments.kv_arithmetic.config import KVSpecialistSettings
+from comm_cli.experiments.kv_arithmetic.specialists import ensure_specialists
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +57,7 @@ def format_report(manifest: dict, built: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    settings = SpecialistSettings.tiny(args.seed) if args.fast else SpecialistSettings(seed=args.seed)
+    settings = KVSpecialistSettings.tiny(args.seed) if args.fast else KVSpecialistSettings(seed=args.seed)
     settings.processes = args.processes
     try:
         paths = ensure_specialists(args.out_dir, settings, force=args.force)

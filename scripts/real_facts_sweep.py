@@ -33,9 +33,8 @@ from comm_cli.compose import BridgeConfig, ComposedModel, MappingSpec
 from comm_cli.compose.specs import ModelSpec
 from comm_cli.experiments.real_facts import tasks
 from comm_cli.experiments.real_facts.anchor import ensure_anchor
+from comm_cli.experiments.real_facts.config import FactsSettings, FactsSpecialistSettings
 from comm_cli.experiments.real_facts.specialists import (
-    FactsSettings,
-    SpecialistSettings,
     measure_city_skill,
     train_specialist,
     truncated_copy,
@@ -187,7 +186,7 @@ class Sweep:
     def train_specialist(self, world, steps, seed: int):
         """The demo's recipe (specialists.train_specialist) on this sweep's device with the given
         training seed (the README's first sweep ran seed 1; the demo's build derives its own)."""
-        settings = FactsSettings(specialist=SpecialistSettings(steps=steps))
+        settings = FactsSettings(specialist=FactsSpecialistSettings(steps=steps))
         model = copy.deepcopy(self.generic).to(self.device)
         model, info = train_specialist(model, self.tokenizer, world, settings, device=self.device, seed=seed)
         return model, info["losses"][-1]

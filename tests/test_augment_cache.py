@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from comm_cli.compose import BridgeConfig, ComposedModel, MappingSpec
-from comm_cli.data.collate import CompletionCollator
+from comm_cli.compose.encoding import CompletionCollator
 from comm_cli.training.augment_cache import (
     AugmentStateCache,
     CachedStatesCollator,
@@ -83,9 +83,9 @@ def test_cached_states_give_the_uncached_logits_without_running_the_augment(tmp_
 def test_cached_states_of_an_augment_with_its_own_tokenizer(tmp_path, mask_mode):
     """Aligned augments cache their own tokens' states (their own offsets), and the cached
     composition gives the live logits."""
+    from comm_cli.compose.encoding import augment_pad_ids
     from comm_cli.data.loading import DataConfig
     from comm_cli.data.tokenize import tokenize_split
-    from comm_cli.training.models import augment_pad_ids
     from tests import tokenizer_zoo as zoo
 
     anchor_tok, augment_tok = zoo.byte_bpe(), zoo.unigram()

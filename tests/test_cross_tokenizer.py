@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from comm_cli.compose import BridgeConfig, ComposedModel, MappingSpec
-from comm_cli.compose.alignment import TokenReader, pad_reads
+from comm_cli.compose.alignment import TokenReader
+from comm_cli.compose.bridge_inputs import BridgeInputs
+from comm_cli.compose.encoding import pad_reads
 from comm_cli.errors import ConfigError
 from tests import tokenizer_zoo as zoo
 from tests.conftest import tiny_model
@@ -163,19 +165,19 @@ def test_other_anchor_tokenizers_generate_as_they_score(anchor_kind):
         torch.testing.assert_close(a, c, atol=1e-4, rtol=0)
 
 
-def test_generation_feeds_an_augment_token_only_once_it_is_final():
+def test_generation_feeds_an_augment_token_only_once_it_is_final(monkeypatch):
     model = build(augment_kinds=("unigram",))
     reader = model.augment_readers[0]
     prompts = ["the quick"]
     b = batch(model, prompts, side="left")
     seen = []
-    original = model._aligned_inputs
+    original = BridgeInputs.aligned
 
-    def spy(k, inputs, *args):
+    def spy(self, k, inputs, *args):
         seen.append(inputs["input_ids"].shape[1])
-        return original(k, inputs, *args)
+        return original(self, k, inputs, *args)
 
-    model._aligned_inputs = spy
+    monkeypatch.setattr(BridgeInputs, "aligned", spy)
     out = model.generate(
         b["input_ids"], b["attention_mask"], max_new_tokens=8, eos_token_id=None, prompts=prompts
     )

@@ -17,7 +17,7 @@ from comm_cli.compose import (
     MappingSpec,
     ModelSpec,
 )
-from comm_cli.data.collate import CompletionCollator
+from comm_cli.compose.encoding import CompletionCollator
 from comm_cli.data.loading import DataConfig, load_splits
 from comm_cli.data.tokenize import tokenize_split
 from comm_cli.errors import DataError

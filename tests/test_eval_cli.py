@@ -35,10 +35,6 @@ def eval_args(ws, root, name, *extra):
         f"output_root={root}",
         f"anchor.name_or_path={ws['anchor']}",
         f"augment.name_or_path={ws['augment']}",
-        "~task@tasks.kv_arithmetic_heldout",
-        "~task@tasks.kv_substitution_heldout",
-        "~task@tasks.numeric_arithmetic",
-        "~task@tasks.key_lookup",
         "+task@tasks.qa=jsonl_qa",
         f"tasks.qa.data.data_files={ws['data']}",
         "tasks.qa.max_examples=12",
@@ -119,10 +115,6 @@ def test_baselines(trained, model):
 def test_translation_metrics_and_sampling(trained):
     ws, root, translation = trained
     args = eval_args(ws, root, "mt", f"checkpoint={root / 'calm' / 'composition'}")[:4] + [
-        "~task@tasks.kv_arithmetic_heldout",
-        "~task@tasks.kv_substitution_heldout",
-        "~task@tasks.numeric_arithmetic",
-        "~task@tasks.key_lookup",
         "+task@tasks.mt=translation",
         f"tasks.mt.data.data_files={translation}",
         "tasks.mt.max_new_tokens=4",

@@ -120,8 +120,9 @@ def test_experiment_runs_end_to_end_on_stand_ins(experiment, tmp_path):
     assert run_train(_train_args(ws, tmp_path, experiment)) == 0
     assert (tmp_path / experiment / "composition" / "composition_config.json").is_file()
     assert run_in_process(eval_main, "comm-eval", _eval_args(ws, tmp_path, experiment)) == 0
-    name = "eval_code_calm" if experiment == "code_qwen" else "eval_low_resource_calm"
-    data = json.loads((tmp_path / name / "results.json").read_text())
+    # comm-eval names its output after the run it scores (eval_<run name>)
+    (results,) = tmp_path.glob("eval_*/results.json")
+    data = json.loads(results.read_text())
     got = {(r["task"], r["metric"]) for r in data["results"]}
     if experiment == "code_qwen":
         # the prompts hold the solutions (see tests/test_code_execution.py): both pass
@@ -129,7 +130,7 @@ def test_experiment_runs_end_to_end_on_stand_ins(experiment, tmp_path):
     else:
         assert got == {("translation", "chrf"), ("translation", "bleu"), ("math", "exact_match")}
         predictions = [
-            json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()
+            json.loads(line) for line in (results.parent / "predictions.jsonl").read_text().splitlines()
         ]
         prompts = [p["prompt"] for p in predictions if p["task"] == "translation"]
         assert prompts[0] == "Translate from eng_Latn to swh_Latn.\neng_Latn: two\nswh_Latn:"
@@ -144,32 +145,30 @@ def test_every_suite_composes_for_comm_eval(suite):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from comm_cli.cli import config_dir
-    from comm_cli.schema import register_schemas
+    from comm_cli.cli import config_dir, register_configs
 
-    register_schemas()
+    register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[f"suite={suite}", "output_dir=x"])
     expected = {"code": {"humaneval", "mbpp"}, "low_resource": {"translation", "math"}, "harness": set()}[
         suite
     ]
-    assert set(cfg.tasks) == expected  # the key-value defaults are replaced, not added to
+    assert set(cfg.tasks) == expected  # a suite's tasks only
     typed = OmegaConf.to_object(cfg) if suite == "harness" else None
     assert typed is None or typed.tasks == {}
 
 
 def test_evaluating_other_models_does_not_build_the_key_value_specialists(tmp_path):
-    """The key-value specialists are built only for a job that loads them: the default augment
+    """The key-value specialists are built only for a job that loads them: the experiment's augment
     preset alone (unused by model=anchor) or a composition of other bases does not count."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from comm_cli.cli import config_dir
+    from comm_cli.cli import config_dir, register_configs
     from comm_cli.experiments.kv_arithmetic.setup import uses_kv_specialists
-    from comm_cli.schema import register_schemas
     from tests.helpers import build_composition
 
-    register_schemas()
+    register_configs()
     ws = build_workspace(tmp_path / "ws")
     composition = build_composition(ws, tmp_path / "composition")
 
@@ -177,8 +176,13 @@ def test_evaluating_other_models_does_not_build_the_key_value_specialists(tmp_pa
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             return OmegaConf.to_object(compose(config_name="eval", overrides=["output_dir=x", *overrides]))
 
-    assert uses_kv_specialists(typed())  # the default: the key-value composition and tasks
-    assert not uses_kv_specialists(typed("suite=code", "model=anchor", f"anchor.name_or_path={ws['anchor']}"))
+    assert uses_kv_specialists(typed("suite=kv_arithmetic", "checkpoint=x"))  # its tasks and bases
+    assert not uses_kv_specialists(typed())  # no experiment section: nothing of it is read
+    assert not uses_kv_specialists(
+        typed("suite=kv_arithmetic", "~task@tasks.kv_arithmetic_heldout", "~task@tasks.kv_substitution_heldout",
+              "~task@tasks.numeric_arithmetic", "~task@tasks.key_lookup", "+task@tasks.qa=jsonl_qa",
+              "model=anchor", f"anchor.name_or_path={ws['anchor']}")
+    )  # fmt: skip
     assert not uses_kv_specialists(typed("suite=code", f"checkpoint={composition}"))
 
 

@@ -321,18 +321,18 @@ def test_hydras_own_config_errors_are_one_line_and_exit_2(ws, tmp_path, capsys, 
     ],
 )
 def test_comm_eval_checks_paths_before_building_anything(tmp_path, capsys, override, expected):
-    """The default tasks need the key-value specialists; a bad path must fail before they are built."""
+    """The key-value suite needs the specialists; a bad path must fail before they are built."""
     from comm_cli.eval import main as eval_main
 
     kv_dir = tmp_path / "kv"
-    args = [f"output_root={tmp_path}", f"kv.dir={kv_dir}", "logger=none", override]
+    args = [f"output_root={tmp_path}", "suite=kv_arithmetic", f"kv.dir={kv_dir}", "logger=none", override]
     if override.startswith("+task"):
         args += ["tasks.mine.data.data_files=/no/such/qa.jsonl", f"checkpoint={tmp_path}"]
     started = time.perf_counter()
     assert run_in_process(eval_main, "comm-eval", args) == 2
     lines = error_lines(capsys.readouterr().err, "comm-eval")
     assert len(lines) == 1 and expected in lines[0]
-    assert not kv_dir.exists() and not list(tmp_path.glob(".kv.partial-*"))  # nothing was built
+    assert not kv_dir.exists() and not list(tmp_path.glob(".tmp-kv-*"))  # nothing was built
     assert time.perf_counter() - started < 30
 
 
@@ -343,9 +343,12 @@ def test_one_console_line_per_checkpoint_and_accelerates_detail_in_the_log(ws, t
     args = base_args(ws, tmp_path, "quiet") + ["trainer.max_steps=8", "trainer.eval_every=null"]
     assert run_train(args) == 0
     out = capfd.readouterr().out
-    checkpoint_lines = [line for line in out.splitlines() if "checkpoint" in line]
+    # the message after "[time LEVEL logger] " (comm's checkpoint client has "checkpoint" in its name)
+    checkpoint_lines = [line for line in out.splitlines() if "checkpoint" in line.split("] ", 1)[-1]]
     assert len(checkpoint_lines) == 2, out  # steps 4 and 8
-    assert all("INFO comm_cli.training.recipe] checkpoint step" in line for line in checkpoint_lines)
+    assert all(
+        "INFO comm_cli.training.checkpoint_client] checkpoint step" in line for line in checkpoint_lines
+    )
     assert "accelerate" not in out
     log = (tmp_path / "quiet" / "train.log").read_text()
     assert "INFO accelerate" in log and "Saving current state" in log

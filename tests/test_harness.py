@@ -14,7 +14,7 @@ import torch
 # The harness extra is part of `make install` (CI included): a missing lm-eval fails here, never skips.
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from comm_cli.data.collate import CompletionCollator  # noqa: E402
+from comm_cli.compose.encoding import CompletionCollator  # noqa: E402
 from comm_cli.data.loading import DataConfig  # noqa: E402
 from comm_cli.data.tokenize import tokenize_split  # noqa: E402
 from comm_cli.eval import main as eval_main  # noqa: E402
@@ -23,12 +23,7 @@ from comm_cli.losses import next_token_loss  # noqa: E402
 from tests.helpers import REPO, build_composition, build_workspace, cli_env, run_in_process  # noqa: E402
 
 TASKS = REPO / "tests" / "harness_tasks"
-NO_KV_TASKS = [
-    "~task@tasks.kv_arithmetic_heldout",
-    "~task@tasks.kv_substitution_heldout",
-    "~task@tasks.numeric_arithmetic",
-    "~task@tasks.key_lookup",
-]
+NO_KV_TASKS = []
 
 
 @pytest.fixture(scope="module")

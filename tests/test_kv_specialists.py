@@ -1,6 +1,6 @@
 """Building the key-value specialists: determinism, the saved layout, caching, and partial builds.
 
-Every build here is the tiny one (``SpecialistSettings.tiny``): seconds, not accuracy.
+Every build here is the tiny one (``KVSpecialistSettings.tiny``): seconds, not accuracy.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ from safetensors.torch import load_file
 
 from comm_cli.data.char_tokenizer import build_char_tokenizer
 from comm_cli.errors import OutputDirError
+from comm_cli.experiments.kv_arithmetic import config as kv_config
+from comm_cli.experiments.kv_arithmetic import scoring as kv_scoring
 from comm_cli.experiments.kv_arithmetic import specialists as ks
 from comm_cli.experiments.kv_arithmetic import tasks as kv
+from comm_cli.experiments.kv_arithmetic import training as kv_training
 
 
-def tiny(seed: int = 0) -> ks.SpecialistSettings:
-    return ks.SpecialistSettings.tiny(seed)
+def tiny(seed: int = 0) -> kv_config.KVSpecialistSettings:
+    return kv_config.KVSpecialistSettings.tiny(seed)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +73,8 @@ def test_the_anchor_never_sees_a_value():
         composition_keys=world.composition_keys,
         heldout_keys=world.heldout_keys,
     )
-    a, _ = ks._train_anchor(world, tokenizer, settings)
-    b, _ = ks._train_anchor(shifted, tokenizer, settings)
+    a, _ = kv_training.train_anchor(world, tokenizer, settings)
+    b, _ = kv_training.train_anchor(shifted, tokenizer, settings)
     assert _same(a.state_dict(), b.state_dict())
 
 
@@ -146,15 +149,15 @@ def test_changed_settings_rebuild(copy_of):
 def test_the_default_causal_hashes_stay_those_of_the_published_tables():
     """The README's tables and the cached builds are under these hashes: a recipe change for one
     kind of build must not rebuild the others."""
-    assert ks.SpecialistSettings().hash() == "daf63f2833f78ce9"
-    assert ks.SpecialistSettings(anchor_tokenizer="bpe").hash() == "eaffa2a31c8e15ff"
+    assert kv_config.KVSpecialistSettings().hash() == "daf63f2833f78ce9"
+    assert kv_config.KVSpecialistSettings(anchor_tokenizer="bpe").hash() == "eaffa2a31c8e15ff"
 
 
 def test_the_encoder_recipe_has_its_own_version(monkeypatch):
     encoder = tiny(0)
     encoder.augment.kind = "encoder"
     before = encoder.hash(), tiny(0).hash()
-    monkeypatch.setattr(ks, "ENCODER_RECIPE_VERSION", ks.ENCODER_RECIPE_VERSION + 1)
+    monkeypatch.setattr(kv_config, "ENCODER_RECIPE_VERSION", kv_config.ENCODER_RECIPE_VERSION + 1)
     assert encoder.hash() != before[0] and tiny(0).hash() == before[1]
 
 
@@ -170,7 +173,7 @@ def test_the_encoder_augment_builds_as_a_modernbert_composable_in_prompt_mode(tm
     model = AutoModelForMaskedLM.from_pretrained(paths.augment)
     assert model.config.model_type == "modernbert" and is_encoder(model.config)
     assert model.config.initializer_range == settings.augment.width**-0.5
-    assert paths.manifest["encoder_recipe_version"] == ks.ENCODER_RECIPE_VERSION
+    assert paths.manifest["encoder_recipe_version"] == kv_config.ENCODER_RECIPE_VERSION
     assert set(paths.manifest["augment"]["accuracy"]) == {"lookup_all_keys", "lookup_in_heldout_expression"}
 
 
@@ -198,7 +201,7 @@ def test_a_build_killed_midway_leaves_nothing_that_looks_complete(tmp_path, monk
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # stands in for a kill while the anchor trains
 
-    monkeypatch.setattr(ks, "_train_anchor", killed)
+    monkeypatch.setattr(kv_training, "train_anchor", killed)
     in_process = tiny(0)
     in_process.processes = 1  # the patch reaches this process only
     with pytest.raises(KeyboardInterrupt):
@@ -207,7 +210,9 @@ def test_a_build_killed_midway_leaves_nothing_that_looks_complete(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
     # What a SIGKILL leaves behind (no cleanup ran): a partial sibling of a dead process.
-    leftover = tmp_path / ".specialists.partial-999999999-1"
+    from comm_cli.atomic import HOST
+
+    leftover = tmp_path / f".tmp-specialists-{HOST}-999999999"
     (leftover / "augment").mkdir(parents=True)
     (leftover / "world.json").write_text("{}")
     monkeypatch.undo()
@@ -217,7 +222,7 @@ def test_a_build_killed_midway_leaves_nothing_that_looks_complete(tmp_path, monk
 
 
 def test_stale_partials_are_removed_also_when_the_cached_build_is_reused(copy_of):
-    """A killed build's .partial directory goes the next time the cache is used, even when
+    """A killed build's temporary directory goes the next time the cache is used, even when
     nothing is built; a running build (this process) and another host's build stay."""
     import os
     from types import SimpleNamespace
@@ -225,11 +230,13 @@ def test_stale_partials_are_removed_also_when_the_cached_build_is_reused(copy_of
     from comm_cli.experiments.kv_arithmetic import setup
 
     root = copy_of()
+    from comm_cli.atomic import HOST
+
     leftovers = {
-        "dead, this host": f".{root.name}.partial-999999999-{ks._HOST}-1",
-        "dead, older name form": f".{root.name}.partial-999999998-2",
-        "running, this host": f".{root.name}.partial-{os.getpid()}-{ks._HOST}-3",
-        "another host": f".{root.name}.partial-999999997-elsewhere-4",
+        "dead, this host": f".tmp-{root.name}-{HOST}-999999999",
+        "dead, on its way out": f".old-{root.name}-{HOST}-999999998",
+        "running, this host": f".tmp-{root.name}-{HOST}-{os.getpid()}",
+        "another host": f".tmp-{root.name}-elsewhere-999999997",
     }
     for name in leftovers.values():
         (root.parent / name / "augment").mkdir(parents=True)
@@ -264,7 +271,7 @@ def test_greedy_generate_matches_transformers_generate(built):
     tokenizer = build_char_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(built / "anchor").eval()
     prompts = ["4+7-3=", "qz+a;=1+2=", "abc+xyz="]
-    ours = ks.greedy_generate(model, tokenizer, prompts, max_new_tokens=5)
+    ours = kv_scoring.greedy_generate(model, tokenizer, prompts, max_new_tokens=5)
     for prompt, text in zip(prompts, ours):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         out = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=tokenizer.eos_token_id)
@@ -302,7 +309,8 @@ def test_build_workers_die_with_the_build(tmp_path):
     script = (
         "import sys; sys.path.insert(0, {!r})\n"
         "from comm_cli.experiments.kv_arithmetic import specialists as ks\n"
-        "s = ks.SpecialistSettings.tiny(0); s.augment.steps = s.anchor.steps = 100000\n"
+        "from comm_cli.experiments.kv_arithmetic.config import KVSpecialistSettings\n"
+        "s = KVSpecialistSettings.tiny(0); s.augment.steps = s.anchor.steps = 100000\n"
         "ks.build_specialists({!r}, s)\n"
     ).format(str(Path(__file__).resolve().parents[1]), str(tmp_path / "build"))
     parent = subprocess.Popen([sys.executable, "-c", script])

@@ -169,7 +169,7 @@ def test_labels_argument_gives_the_mean_loss_with_or_without_logits(mask_mode):
 def test_every_fallback_gives_the_same_loss_and_gradients(monkeypatch):
     """A head comm cannot apply itself (unknown architecture, or a weight partitioned away) is
     asked for its logits at the loss positions; without that, every logit is computed."""
-    import comm_cli.compose.composed as composed_module
+    import comm_cli.losses as losses_module  # where a composition's loss looks up its head
 
     batch = prompt_completion_batch(seed=5)
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -177,9 +177,9 @@ def test_every_fallback_gives_the_same_loss_and_gradients(monkeypatch):
     for path in ("chunked", "kept_logits", "full_logits"):
         monkeypatch.undo()
         if path != "chunked":
-            monkeypatch.setattr(composed_module, "output_head", lambda model: None)
+            monkeypatch.setattr(losses_module, "output_head", lambda model: None)
         if path == "full_logits":
-            monkeypatch.setattr(composed_module, "keeps_loss_logits", lambda model: False)
+            monkeypatch.setattr(losses_module, "keeps_loss_logits", lambda model: False)
         composed = composition("cohere")
         out = composed(**inputs, labels=batch["labels"], return_logits=False, loss_reduction="sum")
         out.loss.backward()

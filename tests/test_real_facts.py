@@ -19,14 +19,9 @@ from comm_cli.errors import DataError
 from comm_cli.evaluation import metrics as M
 from comm_cli.experiments.real_facts import attention, tasks
 from comm_cli.experiments.real_facts import data as facts_data
-from comm_cli.experiments.real_facts.specialists import (
-    FactsSettings,
-    SpecialistSettings,
-    ensure_bases,
-    read_complete_manifest,
-)
+from comm_cli.experiments.real_facts.config import FactsSettings, FactsSpecialistSettings, FactsTaskConfig
+from comm_cli.experiments.real_facts.specialists import ensure_bases, read_complete_manifest
 from comm_cli.experiments.real_facts.world import CITIES, COUNTRY_OF, FactsWorld
-from comm_cli.schema import DataSchema
 from tests.conftest import tiny_model
 from tests.gguf_writer import byte_level_vocabulary, tiny_llama, write_llama_gguf
 
@@ -139,9 +134,7 @@ def test_every_city_has_a_country_the_reader_knows():
 
 def _cfg(tmp_path, world: FactsWorld, **facts):
     world.save(tmp_path / "world.json")
-    data = DataSchema(synthetic="real_facts")
-    for key, value in facts.items():
-        setattr(data.facts, key, value)
+    data = SimpleNamespace(synthetic="real_facts", facts=FactsTaskConfig(**facts))
     return data, SimpleNamespace(facts=SimpleNamespace(dir=str(tmp_path)))
 
 
@@ -193,7 +186,7 @@ def test_evaluation_asks_once_per_person_of_the_split(tmp_path):
 
 
 def test_a_missing_world_names_the_fix(tmp_path):
-    data = DataSchema(synthetic="real_facts")
+    data = SimpleNamespace(synthetic="real_facts", facts=FactsTaskConfig())
     with pytest.raises(DataError, match="facts.build=true"):
         facts_data.raw_splits(data, SimpleNamespace(facts=SimpleNamespace(dir=str(tmp_path))))
 
@@ -205,7 +198,7 @@ TINY = FactsSettings(
     num_people=24,
     filter_cities=False,
     min_cities=1,
-    specialist=SpecialistSettings(layers=1, steps=3, batch_size=4, warmup_steps=1),
+    specialist=FactsSpecialistSettings(layers=1, steps=3, batch_size=4, warmup_steps=1),
     num_threads=1,
 )
 
@@ -332,9 +325,11 @@ def test_answer_attention_looks_from_the_token_before_the_city(tiny_bases, tmp_p
 
 
 def test_the_experiment_is_found_from_the_config():
+    from comm_cli import registry
     from comm_cli.data.build import synthetic_source
-    from comm_cli.experiments import EXPERIMENTS
+    from comm_cli.experiments import builtin_names, load
 
-    assert "real_facts" in EXPERIMENTS
+    load()
+    assert "real_facts" in builtin_names() and registry.get("real_facts").section == "facts"
     assert synthetic_source("real_facts").__name__ == "comm_cli.experiments.real_facts.data"
     assert json.loads(json.dumps(COUNTRY_OF))["Lyon"] == "France"

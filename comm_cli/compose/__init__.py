@@ -1,13 +1,10 @@
 """The composition core: plain PyTorch, no Hydra, Accelerate or W&B."""
 
-from comm_cli.compose.blocks import find_blocks, hidden_size, num_layers
+from comm_cli.compose.blocks import cache_kwarg, find_blocks, hidden_size, num_layers
 from comm_cli.compose.bridge import Bridge
-from comm_cli.compose.composed import (
-    ComposedModel,
-    CompositionCache,
-    CompositionOutput,
-    check_config,
-)
+from comm_cli.compose.bridge_inputs import CompositionCache
+from comm_cli.compose.checks import check_config
+from comm_cli.compose.composed import ComposedModel, CompositionOutput
 from comm_cli.compose.generation import GenerationOutput, generate
 from comm_cli.compose.mapping import resolve_connections
 from comm_cli.compose.saving import CONFIG_NAME, WEIGHTS_NAME
@@ -26,6 +23,7 @@ __all__ = [
     "MappingSpec",
     "ModelSpec",
     "WEIGHTS_NAME",
+    "cache_kwarg",
     "check_config",
     "find_blocks",
     "generate",

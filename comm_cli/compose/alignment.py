@@ -5,7 +5,8 @@ longer line up by index. comm lines them up through characters. For every token 
 
 - ``end``: where the token's text ends in the text (a token that stops inside a character, such
   as the first bytes of a multi-byte character in byte-level BPE, ends where that character
-  starts: it holds no whole character beyond);
+  starts: it holds no whole character beyond; an unknown token such as ``[UNK]`` ends where it
+  starts: the same id stands for any text, so it holds no known character);
 - ``settled_at`` (augment tokens): the length of text from which the token is *final*, i.e.
   every longer text tokenizes to the same tokens up to and including this one. Only then are
   its identity and its hidden state (which depends on the tokens before it) settled.
@@ -15,28 +16,13 @@ Causal mode allows anchor token i to read augment token j exactly when
 output of anchor token i depends on no character after the end of its own text: nothing leaks
 from the future, in training or at generation time.
 
-When is a token final? A fast tokenizer first splits the (normalised) text into pre-tokens and
-then tokenizes each pre-token alone (BPE, WordPiece and Unigram all work inside one
-pre-token). So a token is final once its pre-token is, and a pre-token ``[a, b)`` is final once
-the text reaches ``max(b + 1, a + SETTLE_MARGIN)``:
-
-- ``b + 1``: the character after the pre-token exists and did not join it; the pre-tokenizers
-  in use (byte-level and Llama-3-style regexes, Metaspace, BERT's, whitespace, digits) decide a
-  split by that character. A pre-token of whitespace is the exception: how a run of whitespace
-  splits depends on what ends it (``\\s+(?!\\S)`` gives its last space to the word after it,
-  ``\\s*[\\r\\n]+`` takes spaces up to a later newline), so for it ``b`` is where the next
-  non-whitespace character stands;
-- ``a + SETTLE_MARGIN``: regex alternatives with fixed text (the contractions ``'re``, ``'ve``,
-  ``'ll``) can still claim the characters at ``a`` until three characters after ``a`` are known
-  (``"'r"`` is two pre-tokens, ``"'re"`` one).
-
-Tokenizers without a pre-tokenizer get one of two rules they justify themselves: a model that
-never merges characters (BPE without merges, as the key-value experiment's character tokenizer)
-makes every character a token that is final once it exists; a SentencePiece-style BPE (spaces
-normalised to ``▁``) whose vocabulary has no token with a ``▁`` after another character cannot
-merge across a space, so each space-led word is final once the next space arrives. Anything else
-is refused with a message naming the tokenizer. ``check_settle_rule`` verifies a rule against
-the prefix tokenizations themselves; training runs it on a sample of its data at start-up.
+When a token is final follows what ``encode`` does (added tokens split out first, the
+normalizer, the pre-tokenizer, the model): ``comm_cli.compose.settle``. A tokenizer whose
+components the rule is argued for needs no check; one with other components (``reader.proven``
+false) is checked on every text it reads: the data pipeline checks each example at its anchor
+tokens' ends (``check_final_tokens``), generation checks every step, and a text that breaks the
+rule stops with one line naming the tokenizer and the fix. ``check_settle_rule`` verifies a
+rule against the prefix tokenizations themselves.
 
 Texts come in segments (prompt, completion). Each segment is tokenized on its own (as comm's
 data pipeline does for the anchor, so the boundary is exact), and every token of a segment is
@@ -51,13 +37,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from comm_cli.compose.settle import SettleRule, Unsupported, settle_points, settle_rule
 from comm_cli.errors import TokenizerMismatchError
 
 logger = logging.getLogger(__name__)
 
-# Characters after a pre-token's start that decide which regex alternative matched it.
-SETTLE_MARGIN = 3
-_BOUNDARY_MARKERS = ("▁", " ")
 # Text that exercises letters, digits, punctuation and spaces when comparing tokenizers.
 PROBE_TEXTS = (
     "Hello world, 123 + 456 = 579.",
@@ -65,6 +49,8 @@ PROBE_TEXTS = (
     "abc+xyz-def=4+7-3=8",
     "  two  spaces\tand a tab; don't stop",
 )
+# A causal augment must make some token of this final before its end, or it would read nothing.
+_READS_SOMETHING = "the quick brown fox jumps over the lazy dog. "
 
 
 class TokenizerAlignmentError(TokenizerMismatchError):
@@ -110,47 +96,48 @@ def _backend(tokenizer, name: str):
     return raw
 
 
-def _model_merges(backend_json: dict) -> list | None:
-    model = backend_json.get("model") or {}
-    return model.get("merges") if model.get("type") == "BPE" else None
-
-
-def _no_merge_across_boundary(vocab: Sequence[str]) -> bool:
-    """True when no vocabulary entry has a boundary marker after another character (so BPE
-    cannot merge a word with the space that follows it)."""
-    for token in vocab:
-        stripped = token.lstrip("".join(_BOUNDARY_MARKERS))
-        if any(marker in stripped for marker in _BOUNDARY_MARKERS):
-            return False
-    return True
-
-
 class TokenReader:
     """One tokenizer's reading of segmented texts: ids, character ends and settle points."""
 
     def __init__(self, tokenizer, name: str = "model", settle: bool = True):
-        """``settle=False``: only ids and ends are needed (the anchor's reader), no settle rule."""
+        """``settle=False``: only ids and ends are needed (the anchor's reader, or an augment read
+        in prompt mode), no settle rule."""
         self.tokenizer = tokenizer
         self.name = name
         self._raw = _backend(tokenizer, name)
         backend_json = json.loads(self._raw.to_str())
-        self._normalizer = self._raw.normalizer
-        self._pre_tokenizer = self._raw.pre_tokenizer
+        self._unknown_id = _unknown_id(backend_json.get("model") or {})
+        self._settle: SettleRule | None = None
+        self._added_ids = frozenset(int(i) for i in self._raw.get_added_tokens_decoder())
         if not settle:
             self.rule = "none"
-        elif self._pre_tokenizer is not None:
-            self.rule = "pre_tokens"
-        elif _model_merges(backend_json) == []:
-            self.rule = "characters"
-        elif _model_merges(backend_json) is not None and _no_merge_across_boundary(tokenizer.get_vocab()):
-            self.rule = "word_boundary"
         else:
-            raise TokenizerAlignmentError(
-                f"the tokenizer of {name} has no pre-tokenizer and may merge across spaces, so comm cannot tell "
-                "when a prefix's tokens are final: use mask_mode=prompt, or a tokenizer shared with the anchor"
-            )
+            try:
+                self._settle = settle_rule(self._raw, backend_json)
+            except Unsupported as reason:
+                raise TokenizerAlignmentError(
+                    f"the tokenizer of {name} {reason}, so none of its tokens is final before the text ends and in "
+                    "causal mode the augment would read nothing: use mask_mode=prompt, or another tokenizer"
+                ) from None
+            self.rule = self._settle.kind
         prefix, suffix = self._special_tokens()
         self.prefix_ids, self.suffix_ids = prefix, suffix
+        if self._settle is not None:
+            self._check_reads_something()
+
+    @property
+    def proven(self) -> bool:
+        """Whether the settle rule is argued for all of this tokenizer's components (no checks needed)."""
+        return self._settle is None or self._settle.proven
+
+    @property
+    def unproven(self) -> list[str]:
+        """The components the settle rule is not argued for (checked on every text instead)."""
+        return [] if self._settle is None else list(self._settle.unproven)
+
+    @property
+    def components(self) -> str:
+        return "" if self._settle is None else self._settle.components
 
     def _special_tokens(self) -> tuple[list[int], list[int]]:
         """The ids the tokenizer's own template puts before and after a text (e.g. <s>; [CLS] .. [SEP])."""
@@ -161,19 +148,18 @@ class TokenReader:
                 return list(with_special[:start]), list(with_special[start + len(plain) :])
         return [], []
 
+    def _check_reads_something(self) -> None:
+        """Refuse a tokenizer that finalises nothing before a text ends: in causal mode the augment
+        would read nothing (e.g. a whole text as one pre-token)."""
+        text = _READS_SOMETHING * 2
+        if not any(s <= len(text) for s in self.segment(text, final=True).settled_at):
+            raise TokenizerAlignmentError(
+                f"the tokenizer of {self.name} ({self.components}) makes no token of {text[:20]!r}... final before "
+                "the text ends, so in causal mode the augment would read nothing: use mask_mode=prompt, or another "
+                "tokenizer"
+            )
+
     # ------------------------------------------------------------------ one segment
-
-    def _pre_token_spans(self, text: str) -> list[tuple[int, int]]:
-        from tokenizers import PreTokenizedString
-
-        pre = PreTokenizedString(text)
-        if self._normalizer is not None:
-            normalizer = self._normalizer
-            pre.normalize(lambda normalized: normalizer.normalize(normalized))
-        self._pre_tokenizer.pre_tokenize(pre)
-        return [
-            offsets for _, offsets, _ in pre.get_splits(offset_referential="original", offset_type="char")
-        ]
 
     def segment(self, text: str, final: bool) -> _Segment:
         """Tokenize one segment; ``final``: nothing follows it yet (its last pre-token may grow)."""
@@ -186,25 +172,12 @@ class TokenReader:
         # that character starts.
         for i in range(len(ends) - 2, -1, -1):
             ends[i] = min(ends[i], starts[i + 1]) if starts[i + 1] < ends[i] else ends[i]
-        length = len(text)
-        if self.rule in ("characters", "none"):
-            settled = [max(e, 0) for e in ends]
+        if self._unknown_id is not None:
+            ends = [s if t == self._unknown_id else e for t, s, e in zip(encoding.ids, starts, ends)]
+        if self._settle is None:
+            settled = list(ends)
         else:
-            if self.rule == "pre_tokens":
-                spans = self._pre_token_spans(text)
-            else:
-                spans = _word_boundary_spans(text)
-            span_starts = [a for a, _ in spans]
-            settled = []
-            for start, end in encoding.offsets:
-                index = max(0, bisect.bisect_right(span_starts, start) - 1)
-                a, b = spans[index] if spans else (0, length)
-                b = max(b, end)
-                if text[a:b].isspace():
-                    b = _next_non_space(text, b)
-                settled.append(max(b + 1, a + SETTLE_MARGIN))
-        if not final:
-            settled = [min(s, length) for s in settled]
+            settled = settle_points(self._settle, text, encoding, final)
         return _Segment(ids=list(encoding.ids), ends=ends, settled_at=settled)
 
     # ------------------------------------------------------------------ whole texts
@@ -255,47 +228,139 @@ class TokenReader:
         )
 
 
-def _next_non_space(text: str, start: int) -> int:
-    """Index of the first non-whitespace character at or after ``start`` (``len(text)`` if none)."""
-    while start < len(text) and text[start].isspace():
-        start += 1
-    return start
+def _unknown_id(model: dict) -> int | None:
+    """The id the model emits for text it cannot spell (WordPiece's [UNK], Unigram's <unk>), if any."""
+    if model.get("type") == "Unigram":
+        return model.get("unk_id")
+    unknown = model.get("unk_token")
+    if unknown is None:
+        return None
+    vocab = model.get("vocab") or {}
+    return vocab.get(unknown) if isinstance(vocab, dict) else None
 
 
-def _word_boundary_spans(text: str) -> list[tuple[int, int]]:
-    """Space-led words ``" *[^ ]+"`` (trailing spaces form the last span)."""
-    spans, start, i, n = [], 0, 0, len(text)
-    while i < n:
-        j = i
-        while j < n and text[j] == " ":
-            j += 1
-        while j < n and text[j] != " ":
-            j += 1
-        spans.append((i, j))
-        i = j
-    return spans or [(start, n)]
+def check_final_tokens(
+    reader: TokenReader,
+    segments: Sequence[str],
+    cuts: Sequence[int],
+    whole: TokenizedText | None = None,
+    full: bool = False,
+) -> None:
+    """The rule holds for this text at these cuts (text lengths): the tokens final for the text
+    cut there (a segment cut at its end is complete, as a prompt is before generation starts) are
+    exactly the tokens of the whole text that are final by then, with the same ids, ends and
+    settle points. Then what an anchor token ending at a cut reads depends on no character after
+    the cut. Raises TokenizerAlignmentError naming the tokenizer, the text and the fix on the
+    first counterexample.
+
+    The settle computation reads nothing past a token's settle point, so where the cut text
+    tokenizes like the whole text up to the tokens final by the cut (same ids, spans and
+    pre-tokens) and its next token's pre-token runs to the cut, the answer is yes without
+    computing the cut text's settle points: one ``encode`` per cut (``_Alike``). ``full=True``
+    computes them at every cut (the tests' reference)."""
+    whole = whole if whole is not None else reader.read(segments)
+    bounds, offset = [], 0
+    for text in segments:
+        bounds.append(offset)
+        offset += len(text)
+    located: dict[int, list[int]] = {}
+    for cut in sorted(set(cuts)):
+        if 0 < cut <= offset:
+            index = max(i for i, start in enumerate(bounds) if start < cut)
+            located.setdefault(index, []).append(cut - bounds[index])
+    fast = not full and reader.rule == "pre_tokens"
+    for index, insides in located.items():
+        text = segments[index]
+        alike = _Alike(reader, segments, index, whole, insides) if fast else None
+        for inside in insides:
+            if alike is not None and alike(inside):
+                continue
+            complete = inside == len(text) and index + 1 < len(segments)
+            declared = reader.settled_prefix([*segments[:index], text[:inside], *([""] if complete else [])])
+            cut, k = bounds[index] + inside, len(declared.ids)
+            same = (
+                declared.ids == whole.ids[:k]
+                and declared.ends == whole.ends[:k]
+                and declared.settled_at == whole.settled_at[:k]
+                and (k == len(whole.ids) or whole.settled_at[k] > cut)
+            )
+            if not same:
+                raise TokenizerAlignmentError(
+                    f"the tokenizer of {reader.name} ({reader.components}) reads {text[max(0, inside - 20) : inside]!r} "
+                    f"differently once {text[inside : inside + 10]!r} follows, against comm's rule for when its "
+                    "tokens are final: use mask_mode=prompt with this tokenizer, or another tokenizer"
+                )
+
+
+class _Alike:
+    """The fast path of ``check_final_tokens`` for one segment: whether the segment cut at
+    ``inside`` keeps the whole text's final tokens by the cut (same ids, offsets and pre-tokens)
+    and makes no further token final (its next token's pre-token runs to the cut)."""
+
+    def __init__(
+        self,
+        reader: TokenReader,
+        segments: Sequence[str],
+        index: int,
+        whole: TokenizedText,
+        insides: list[int],
+    ):
+        raw = reader._raw
+        self.reader, self.text = reader, segments[index]
+        self.complete_at = len(self.text) if index + 1 < len(segments) else None
+        self.encoding = raw.encode(self.text, add_special_tokens=False)
+        self.ids, self.offsets = self.encoding.ids, self.encoding.offsets
+        self.words = self.encoding.word_ids
+        first = len(reader.prefix_ids) + sum(
+            len(raw.encode(s, add_special_tokens=False).ids) for s in segments[:index]
+        )
+        self.settled = whole.settled_at[first : first + len(self.ids)]  # non-decreasing
+        self.start = sum(len(s) for s in segments[:index])
+        cut_texts = [self.text[:inside] for inside in insides if inside != self.complete_at]
+        # one call encodes every cut text (in parallel where tokenizers may use threads)
+        self.parts = dict(zip(cut_texts, raw.encode_batch(cut_texts, add_special_tokens=False)))
+
+    def __call__(self, inside: int) -> bool:
+        if inside == self.complete_at:
+            return True  # a complete segment: the same encode, clamped alike
+        k = bisect.bisect_right(self.settled, self.start + inside)
+        part = self.parts[self.text[:inside]]
+        ids, offsets, words = part.ids, part.offsets, part.word_ids
+        if (
+            len(ids) < k
+            or ids[:k] != self.ids[:k]
+            or offsets[:k] != self.offsets[:k]
+            or words[:k] != self.words[:k]
+        ):
+            return False
+        if k:
+            # the last final pre-token spans the same characters, and the last final token's end is
+            # cut back alike (where a character it shares with the next token starts)
+            last = words[k - 1]
+            if last is None or part.word_to_chars(last) != self.encoding.word_to_chars(last):
+                return False
+            if _cut_end(offsets, k - 1) != _cut_end(self.offsets, k - 1):
+                return False
+        if k == len(ids):
+            return True
+        word = words[k]
+        if ids[k] in self.reader._added_ids or word is None:
+            return False
+        return part.word_to_chars(word)[1] == inside  # its pre-token runs to the cut: not final
+
+
+def _cut_end(offsets, i: int) -> int:
+    """Token i's end as ``TokenReader.segment`` gives it: where a character it shares with the next
+    token starts, if it does."""
+    end = offsets[i][1]
+    return min(end, offsets[i + 1][0]) if i + 1 < len(offsets) else end
 
 
 def check_settle_rule(reader: TokenReader, texts: Sequence[str], max_cuts: int = 64) -> None:
-    """At every cut point of every text (up to ``max_cuts`` per text), the tokens the rule
-    declares final must equal the prefix's own tokenization at the same positions, and must
-    be a prefix of the whole text's tokens. Raises TokenizerAlignmentError on the first
-    counterexample, naming the tokenizer, the text and the cut."""
+    """``check_final_tokens`` at every cut point of every text (up to ``max_cuts`` per text)."""
     for text in texts:
-        whole = reader.read([text])
-        n = len(text)
-        step = max(1, n // max_cuts)
-        for cut in range(0, n + 1, step):
-            prefix = text[:cut]
-            declared = reader.settled_prefix([prefix])
-            own = reader.read([prefix], complete=True)
-            k = len(declared.ids)
-            if declared.ids != own.ids[:k] or declared.ids != whole.ids[:k]:
-                raise TokenizerAlignmentError(
-                    f"the tokenizer of {reader.name} re-tokenizes {prefix[-20:]!r} when text follows it "
-                    f"({text[cut : cut + 10]!r}), against comm's rule for when tokens are final ({reader.rule}): "
-                    "use mask_mode=prompt with this tokenizer and report it"
-                )
+        step = max(1, len(text) // max_cuts)
+        check_final_tokens(reader, [text], range(0, len(text) + 1, step))
 
 
 def same_tokenizer(anchor_tokenizer, augment_tokenizer, texts: Sequence[str] = ()) -> bool:
@@ -356,11 +421,14 @@ def plan_alignment(
     names: Sequence[str],
     texts: Sequence[str] = (),
     requested=None,
+    mask_mode: str = "causal",
 ) -> list[TokenReader | None]:
     """Decide how each augmenting model reads text: the anchor's token ids (None) when the two
     tokenizers read identically, else its own tokens lined up through characters (a
     TokenReader). ``requested`` ("auto" | "shared" | "aligned" per augment) can force a path.
-    The decision is logged."""
+    In causal mode each aligned tokenizer gets its settle rule here (or is refused in one line),
+    and one the rule is not argued for is checked on ``texts`` at once (and later on every text
+    it reads). The decision is logged."""
     requested = list(requested or ["auto"] * len(augment_tokenizers))
     readers: list[TokenReader | None] = []
     for tokenizer, name, wanted in zip(augment_tokenizers, names, requested):
@@ -376,56 +444,26 @@ def plan_alignment(
                 "differently: set its tokens=auto (or aligned) to line the two up through characters"
             )
         if wanted == "aligned" or (wanted == "auto" and not shared):
-            reader = TokenReader(tokenizer, name)
+            reader = TokenReader(tokenizer, name, settle=mask_mode == "causal")
             logger.info(
                 "%s has its own tokenizer: it reads its own tokens, lined up with the anchor's through characters "
                 "(tokens are final by the %s rule)",
                 name,
                 reader.rule,
             )
+            if not reader.proven:
+                logger.info(
+                    "%s: comm's rule for when its tokens are final is not argued for %s, so it is checked on every "
+                    "text this augment reads",
+                    name,
+                    " and ".join(reader.unproven),
+                )
+                check_settle_rule(reader, [t for t in texts if isinstance(t, str)])
             readers.append(reader)
         else:
             logger.info("%s shares the anchor's tokenizer: it reads the anchor's token ids", name)
             readers.append(None)
     return readers
-
-
-def pad_reads(reads: Sequence[TokenizedText], pad_id: int, left: bool = False) -> dict:
-    """Pad one augmenting model's reads of a batch of texts into ``augment_inputs[k]`` tensors
-    (``input_ids``, ``attention_mask``, ``settled_at``, ``ends``). Padding is never attended;
-    its ``settled_at`` is past any text so it could not be read even if it were."""
-    import torch
-
-    length = max((len(r) for r in reads), default=0)
-    out = {
-        "input_ids": torch.full((len(reads), length), int(pad_id), dtype=torch.long),
-        "attention_mask": torch.zeros((len(reads), length), dtype=torch.long),
-        "settled_at": torch.full((len(reads), length), 2**30, dtype=torch.long),
-        "ends": torch.zeros((len(reads), length), dtype=torch.long),
-    }
-    for row, read in enumerate(reads):
-        n = len(read)
-        if n == 0:
-            continue
-        span = slice(length - n, length) if left else slice(0, n)
-        out["input_ids"][row, span] = torch.tensor(read.ids, dtype=torch.long)
-        out["attention_mask"][row, span] = 1
-        out["settled_at"][row, span] = torch.tensor(read.settled_at, dtype=torch.long)
-        out["ends"][row, span] = torch.tensor(read.ends, dtype=torch.long)
-    return out
-
-
-def prompt_ends(reader: TokenReader, prompt: str, ids: Sequence[int]) -> list[int]:
-    """Character ends of an anchor prompt's ``ids`` (leading special tokens, then the prompt's own
-    tokens, as comm's data pipeline builds them)."""
-    own = reader.segment(prompt, final=False)
-    extra = len(ids) - len(own.ids)
-    if extra < 0 or list(ids[extra:]) != own.ids:
-        raise ValueError(
-            f"the prompt ids do not end with the anchor's tokenization of the prompt {prompt[:30]!r}: pass the "
-            "prompt texts the ids were made from"
-        )
-    return [0] * extra + own.ends
 
 
 @dataclass

@@ -8,8 +8,10 @@ can always name the path (``block_path``).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from comm_cli.errors import UnsupportedModelError
@@ -188,8 +190,32 @@ def encoder_in_causal_mode(index: int, name: str) -> str:
 
 def takes_position_ids(model: nn.Module) -> bool:
     """Whether comm should pass position ids (counted over real tokens, for padding invariance)."""
-    import inspect
-
     if getattr(getattr(model, "config", None), "model_type", None) in _OWN_POSITION_IDS:
         return False
     return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes a KV cache: transformers renamed
+    ``past_key_values`` to ``cache``; use whichever this version takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def recompute_in_backward(layers) -> None:
+    """Make each of ``layers`` recompute its activations during backward instead of storing them
+    (non-reentrant activation checkpointing, and only while autograd records). A layer already
+    made so is left as it is."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in layers:
+        if getattr(layer, "_comm_checkpointed", False):
+            continue
+        original = layer.forward
+
+        def forward(*args, _original=original, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+            return _original(*args, **kwargs)
+
+        layer.forward = forward
+        layer._comm_checkpointed = True

@@ -27,6 +27,7 @@ class GenerationOutput:
     attention_mask: torch.Tensor
     prompt_length: int
     scores: list[torch.Tensor] | None = None  # per step (batch, vocab) float32 logits before sampling
+    texts: list[str] | None = None  # the decoded continuations (generate(prompts=...) fills them)
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -76,14 +77,17 @@ def generate(
     return_dict: bool = False,
     prompts: Sequence[str] | None = None,
     stopping: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    streamer=None,
 ) -> torch.Tensor | GenerationOutput:
     """Generate up to ``max_new_tokens`` after each prompt row.
 
     Rows stop at an ``eos_token_id`` (int or list) and are then filled with ``pad_token_id``.
     ``stopping(sequences, prompt_length)`` -> bool (batch,) marks further rows as done after each
     step (e.g. a stop string has appeared in their text; evaluation uses it). Right-padded prompts
-    are moved to left padding first. Returns the sequences (prompt +
-    new tokens), or a GenerationOutput with ``return_dict=True``.
+    are moved to left padding first. ``streamer`` (transformers' protocol, e.g. its TextStreamer
+    for one row) gets ``put(prompt ids)``, then ``put(new tokens)`` (batch,) after every step and
+    ``end()`` at the end. Returns the sequences (prompt + new tokens), or a GenerationOutput with
+    ``return_dict=True``.
 
     A composition with an augmenting model that has its own tokenizer also needs the prompt
     texts (``prompts``, one per row, the texts ``input_ids`` were made from): the augment reads
@@ -125,11 +129,15 @@ def generate(
     feed = None
     if getattr(model, "aligned", False) and model._bridges_enabled:
         if prompts is None or len(prompts) != input_ids.shape[0]:
-            raise ValueError(
-                "this composition reads text through more than one tokenizer: pass prompts=[...] (one prompt "
-                "text per row, the texts input_ids were made from)"
+            from comm_cli.errors import TokenizerMismatchError
+
+            raise TokenizerMismatchError(
+                "this composition reads text through more than one tokenizer: generate from text with "
+                "model.generate(prompts=[...]), or pass prompts=[...] (one per row, the texts input_ids were made from)"
             )
         feed = AlignedFeed(model, list(prompts), input_ids, attention_mask)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     try:
         if max_new_tokens > 0:
             extra = feed.first() if feed is not None else {}
@@ -148,6 +156,8 @@ def generate(
             unfinished_before = unfinished
             next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
             sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             if eos_tensor is not None:
                 unfinished = unfinished & ~torch.isin(next_tokens, eos_tensor)
@@ -172,6 +182,8 @@ def generate(
                 )
     finally:
         model.train(was_training)
+        if streamer is not None:
+            streamer.end()
     if not return_dict:
         return sequences
     return GenerationOutput(
@@ -186,14 +198,20 @@ class AlignedFeed:
     """What an augmenting model with its own tokenizer reads while the anchor generates.
 
     Per row it keeps the prompt text, the anchor tokens generated so far and the text they spell
-    (``GeneratedText``), and per aligned augment how many of its tokens were fed. ``first()``
-    gives the prompt's inputs, ``step()`` the new token's end and the augment tokens that became
-    final with it (possibly none), ``whole()`` everything for an uncached forward over the text so
-    far: the reference ``step()`` must match.
+    (``GeneratedText``), and per aligned augment the tokens final so far and how many of them were
+    fed. ``first()`` gives the prompt's inputs, ``step()`` the new token's end and the augment
+    tokens that became final with it (possibly none), ``whole()`` everything for an uncached
+    forward over the text so far: the reference ``step()`` must match.
+
+    Both paths go through ``push()``, which checks that the tokens final before are still final,
+    unchanged, and that no token became final at a text length an earlier anchor token already
+    had: then the cached and the uncached path read the same tokens at every anchor token, and a
+    text on which a tokenizer breaks comm's rule stops both alike, in one line.
     """
 
     def __init__(self, model, prompts: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        from comm_cli.compose.alignment import GeneratedText, prompt_ends
+        from comm_cli.compose.alignment import GeneratedText
+        from comm_cli.compose.encoding import prompt_ends
 
         self.model, self.prompts = model, prompts
         self.device = input_ids.device
@@ -204,24 +222,48 @@ class AlignedFeed:
         ]
         self.texts = [GeneratedText(model.anchor_tokenizer, len(prompt)) for prompt in prompts]
         self.ends: list[list[int]] = [[] for _ in prompts]  # ends of generated tokens per row
-        self.fed: list[list[list[int]]] = [[[] for _ in prompts] for _ in model.augment_readers]
+        self.final: list[list] = [[None for _ in prompts] for _ in model.augment_readers]
+        self.fed: list[list[int]] = [[0 for _ in prompts] for _ in model.augment_readers]
         self.last_end = [len(prompt) for prompt in prompts]
+        self._advance(list(self.last_end))
 
     def _pad_id(self, reader) -> int:
         pad = reader.tokenizer.pad_token_id
         return int(pad) if pad is not None else 0
 
-    def _reads(self, reader, settled_only: bool):
-        from comm_cli.compose.alignment import TokenizedText
+    def _causal(self):
+        return [
+            (k, reader)
+            for k, reader in enumerate(self.model.augment_readers)
+            if reader is not None and self.model.mask_mode == "causal"
+        ]
 
-        reads = []
-        for row, prompt in enumerate(self.prompts):
-            if self.model.mask_mode == "prompt":
-                reads.append(reader.read([prompt], add_suffix=True, complete=True))
-                continue
-            segments = [prompt, self.texts[row].text]
-            reads.append(reader.settled_prefix(segments) if settled_only else reader.read(segments))
-        return reads if reads else [TokenizedText([], [], [], [])]
+    def _advance(self, before_ends: list[int]) -> None:
+        """Recompute each row's final tokens and check them against what was final before (at
+        text lengths up to ``before_ends``)."""
+        from comm_cli.compose.alignment import TokenizerAlignmentError
+
+        for k, reader in self._causal():
+            for row, prompt in enumerate(self.prompts):
+                now = reader.settled_prefix([prompt, self.texts[row].text])
+                before = self.final[k][row]
+                if before is not None:
+                    n = len(before.ids)
+                    kept = (now.ids[:n], now.ends[:n], now.settled_at[:n]) == (
+                        before.ids,
+                        before.ends,
+                        before.settled_at,
+                    )
+                    if not kept or any(s <= before_ends[row] for s in now.settled_at[n:]):
+                        raise TokenizerAlignmentError(
+                            f"the tokenizer of {reader.name} ({reader.components}) changed tokens it had made final once "
+                            f"the anchor wrote {self.texts[row].text[-20:]!r}, against comm's rule for when its tokens "
+                            "are final: use mask_mode=prompt with this tokenizer, or another tokenizer"
+                        )
+                self.final[k][row] = now
+
+    def _prompt_reads(self, reader):
+        return [reader.read([prompt], add_suffix=True, complete=True) for prompt in self.prompts]
 
     def _anchor_ends(self, with_prompt: bool = True) -> torch.Tensor:
         """Ends of every anchor column so far, left-padded like the ids."""
@@ -232,30 +274,41 @@ class AlignedFeed:
             out[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)  # left padding, as the ids
         return out.to(self.device)
 
-    def first(self) -> dict:
-        from comm_cli.compose.alignment import pad_reads
+    def _inputs(self, reads_of, left: bool = False) -> list:
+        """Padded inputs per augment: None for one that reads the anchor's ids, else the prompt's
+        reads (prompt mode) or ``reads_of(k, reader)``."""
+        from comm_cli.compose.encoding import pad_reads
 
         inputs = []
         for k, reader in enumerate(self.model.augment_readers):
             if reader is None:
                 inputs.append(None)
                 continue
-            reads = self._reads(reader, settled_only=True)
-            for row, read in enumerate(reads):
-                self.fed[k][row] = list(read.ids)
-            inputs.append(_to(pad_reads(reads, self._pad_id(reader), left=True), self.device))
+            reads = self._prompt_reads(reader) if self.model.mask_mode == "prompt" else reads_of(k, reader)
+            inputs.append(_to(pad_reads(reads, self._pad_id(reader), left=left), self.device))
+        return inputs
+
+    def first(self) -> dict:
+        def final_so_far(k, reader):
+            self.fed[k] = [len(read.ids) for read in self.final[k]]
+            return list(self.final[k])
+
+        inputs = self._inputs(final_so_far, left=True)
         return {"anchor_ends": self._anchor_ends(with_prompt=True), "augment_inputs": inputs}
 
     def push(self, tokens: torch.Tensor, unfinished: torch.Tensor) -> None:
         """Record the token each row generated (finished rows generate padding, which adds no text)."""
+        before = list(self.last_end)
         for row, (token, alive) in enumerate(zip(tokens.tolist(), unfinished.tolist())):
             if alive:
                 self.last_end[row] = self.texts[row].push(token)
             self.ends[row].append(self.last_end[row])
+        self._advance(before)
 
     def step(self) -> dict:
         """The last token's end, and the augment tokens it made final."""
-        from comm_cli.compose.alignment import TokenizedText, TokenizerAlignmentError, pad_reads
+        from comm_cli.compose.alignment import TokenizedText
+        from comm_cli.compose.encoding import pad_reads
 
         inputs = []
         for k, reader in enumerate(self.model.augment_readers):
@@ -263,33 +316,26 @@ class AlignedFeed:
                 inputs.append(None if reader is None else _empty(self.device))
                 continue
             new_reads = []
-            for row, read in enumerate(self._reads(reader, settled_only=True)):
-                fed = self.fed[k][row]
-                if read.ids[: len(fed)] != fed:
-                    raise TokenizerAlignmentError(
-                        f"{reader.name}: tokens already read changed as the text grew (rule {reader.rule}); "
-                        "use mask_mode=prompt with this tokenizer and report it"
-                    )
-                n = len(fed)
+            for row, read in enumerate(self.final[k]):
+                n = self.fed[k][row]
                 new_reads.append(
                     TokenizedText(read.ids[n:], read.ends[n:], read.settled_at[n:], read.prompt_mask[n:])
                 )
-                self.fed[k][row] = list(read.ids)
+                self.fed[k][row] = len(read.ids)
             inputs.append(_to(pad_reads(new_reads, self._pad_id(reader)), self.device))
         ends = torch.tensor([[e[-1]] for e in self.ends], dtype=torch.long, device=self.device)
         return {"anchor_ends": ends, "augment_inputs": inputs}
 
     def whole(self) -> dict:
         """Inputs for an uncached forward over the prompt and everything generated so far."""
-        from comm_cli.compose.alignment import pad_reads
 
-        inputs = [
-            None
-            if reader is None
-            else _to(pad_reads(self._reads(reader, settled_only=False), self._pad_id(reader)), self.device)
-            for reader in self.model.augment_readers
-        ]
-        return {"anchor_ends": self._anchor_ends(with_prompt=True), "augment_inputs": inputs}
+        def everything(k, reader):
+            return [reader.read([prompt, text.text]) for prompt, text in zip(self.prompts, self.texts)]
+
+        return {
+            "anchor_ends": self._anchor_ends(with_prompt=True),
+            "augment_inputs": self._inputs(everything),
+        }
 
 
 def _to(batch: dict, device) -> dict:

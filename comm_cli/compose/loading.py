@@ -39,6 +39,13 @@ def canonical_name(name_or_path: str) -> str:
     return str(path.resolve()) if path.is_dir() else name_or_path
 
 
+def spec_of(model) -> ModelSpec:
+    """A ModelSpec that names an in-memory model by where it was loaded from (may be empty for a
+    model built from a config; such a composition can be saved but needs its bases passed in to load)."""
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "") or "<in-memory>"
+    return ModelSpec(name_or_path=canonical_name(name), dtype=dtype_name(next(model.parameters()).dtype))
+
+
 def _gguf_kwargs(spec: ModelSpec) -> dict:
     return {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
 

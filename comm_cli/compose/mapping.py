@@ -6,7 +6,7 @@ before any weights load.
 
 from __future__ import annotations
 
-from comm_cli.compose.specs import MappingSpec
+from comm_cli.compose.specs import AugmentSpec, MappingSpec
 from comm_cli.errors import MappingError
 
 
@@ -75,6 +75,30 @@ def resolve_connections(
             )
         seen[pair[1]] = pair
     return sorted(pairs, key=lambda p: p[1])
+
+
+def augment_connections(
+    spec: AugmentSpec, index: int, augment_depth: int, anchor_depth: int
+) -> list[tuple[int, int]]:
+    """The connections of augmenting model ``index``: the ones a saved composition records (they
+    win over the mapping they came from), else its mapping resolved."""
+    mapping = MappingSpec(pairs=spec.connections) if spec.connections else spec.mapping
+    return resolve_connections(
+        mapping, augment_depth, anchor_depth, name=f"augment {index} ({spec.model.name_or_path})"
+    )
+
+
+def mappings_per_augment(mappings, anchor_depth: int, augment_depths: list[int]) -> list[MappingSpec]:
+    """One MappingSpec per augmenting model from ``mappings`` given as one per augment, one for
+    all, a list of [augment_layer, anchor_layer] pairs for all, or None: every layer pair (as
+    many connections as the shallower model has layers)."""
+    if mappings is None:
+        return [MappingSpec(count=min(anchor_depth, depth)) for depth in augment_depths]
+    if isinstance(mappings, MappingSpec):
+        return [mappings] * len(augment_depths)
+    if len(mappings) > 0 and not isinstance(mappings[0], MappingSpec):
+        return [MappingSpec(pairs=[list(p) for p in mappings])] * len(augment_depths)
+    return list(mappings)
 
 
 def _normalise(index: int, depth: int, what: str, pair) -> int:

@@ -14,16 +14,20 @@ unpickled.
 from __future__ import annotations
 
 import json
-import os
+import logging
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 import comm_cli
-from comm_cli.atomic import atomic_write_text
+from comm_cli.atomic import atomic_write, atomic_write_text
+from comm_cli.compose.checks import check_config
+from comm_cli.compose.loading import load_augment_model, load_causal_lm
 from comm_cli.compose.specs import CompositionConfig
 from comm_cli.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "composition_config.json"
 WEIGHTS_NAME = "composition_model.safetensors"
@@ -35,9 +39,8 @@ def save_composition(model, directory: str | Path) -> Path:
     config = model.config.to_dict()
     config["comm_version"] = comm_cli.__version__
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.bridge_state_dict().items()}
-    tmp = directory / f".{WEIGHTS_NAME}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "comm_version": comm_cli.__version__})
-    os.replace(tmp, directory / WEIGHTS_NAME)
+    metadata = {"format": "pt", "comm_version": comm_cli.__version__}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
 
@@ -65,9 +68,6 @@ def load_composition(cls, directory, anchor=None, augments=None, device=None):
     if not weights_path.is_file():
         raise ModelLoadError(f"'{directory}' has no {WEIGHTS_NAME}: the composition was not saved completely")
     if anchor is None or augments is None:
-        from comm_cli.compose.composed import check_config
-        from comm_cli.compose.loading import load_augment_model, load_causal_lm
-
         check_config(config)
         if anchor is None:
             anchor = load_causal_lm(config.anchor, "anchor model", device)
@@ -95,7 +95,15 @@ def load_composition(cls, directory, anchor=None, augments=None, device=None):
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(state[key].to(param.dtype))
+    # Text in, text out (model.encode, model.generate(prompts=...)) needs the tokenizers: attach
+    # them from the recorded sources. An augment with its own tokenizer cannot run without them;
+    # bases that ship none (models built from a config) leave a shared-token composition usable
+    # with ids alone.
     if any(spec.tokens == "aligned" for spec in config.augments):
-        # an augment with its own tokenizer cannot run without it: read them from the recorded sources
         model.attach_saved_tokenizers()
+    else:
+        try:
+            model.attach_saved_tokenizers()
+        except ModelLoadError as err:
+            logger.info("no tokenizers attached (%s): the composition takes token ids only", err)
     return model

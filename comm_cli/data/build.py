@@ -1,20 +1,19 @@
 """From a data config to tokenised train/validation splits, for comm-train and comm-eval.
 
 Real datasets go through ``datasets.load_dataset`` (``loading.py``). A synthetic task
-(``data.synthetic=NAME``) is generated in memory by a generator module: ``NAME`` is an
-experiment package under ``comm_cli.experiments`` (its ``data`` module, e.g. ``kv_arithmetic``)
-or the dotted path of any importable module. That module provides
+(``data.synthetic=NAME``) is generated in memory by a generator module: ``NAME`` is a
+registered experiment (``comm_cli.registry``; its ``data`` module) or the dotted path of any
+importable module. That module provides
 
     raw_splits(data_cfg, cfg, seed) -> DatasetDict   "train" (and "validation") rows
     eval_rows(data_cfg, cfg, seed) -> Dataset         the rows an evaluation task scores
 
 where ``cfg`` is the whole typed config (an experiment reads its own section, e.g. ``kv.dir``).
-The core never imports an experiment by name; it looks the module up from the config.
+The core never imports an experiment by name; it looks the module up in the registry.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 
 import datasets
@@ -27,25 +26,17 @@ logger = logging.getLogger(__name__)
 
 
 def synthetic_source(name: str):
-    """The generator module behind ``data.synthetic=name``."""
-    candidates = [f"comm_cli.experiments.{name}.data", name] if "." not in name else [name]
-    for module_name in candidates:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name is not None and module_name.startswith(err.name):
-                continue  # this candidate does not exist; a missing import *inside* it is re-raised
-            raise
-        if hasattr(module, "raw_splits") and hasattr(module, "eval_rows"):
-            return module
+    """The generator module behind ``data.synthetic=name`` (a registered experiment's, or a
+    module of yours named by its dotted path)."""
+    from comm_cli.registry import data_source
+
+    module = data_source(name)
+    if not (hasattr(module, "raw_splits") and hasattr(module, "eval_rows")):
         raise DataError(
-            f"data.synthetic={name}: module {module_name} has no raw_splits/eval_rows; point it at a "
+            f"data.synthetic={name}: module {module.__name__} has no raw_splits/eval_rows; point it at a "
             "generator module"
         )
-    raise DataError(
-        f"data.synthetic={name} names no experiment package in comm_cli.experiments and no importable "
-        "module: use e.g. kv_arithmetic, or the dotted path of your generator module"
-    )
+    return module
 
 
 def raw_splits(data_cfg, cfg=None, seed: int = 0) -> datasets.DatasetDict:

@@ -30,9 +30,9 @@ from typing import Any
 import datasets
 
 from comm_cli.compose.alignment import ReadPlan
+from comm_cli.compose.encoding import ALIGNED_FIELDS, encode_example
 from comm_cli.data.loading import DataConfig, ensure_text_fields, text_fields
 from comm_cli.errors import DataError
-from comm_cli.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -183,78 +183,17 @@ def _tokenize_batch(
     if not text_format:
         segments = [[p, c] for (p,), c in zip(segments, _texts(batch, fields[1], indices))]
 
-    head = [bos] if bos is not None else []
-    tail = [eos] if eos is not None else []
     out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_mask": [], _TRUNCATED: [], _KEEP: []}
     if plan is not None:
         out["anchor_ends"] = []
         for k in plan.aligned_indices:
             out.update({f"augment{k}_{name}": [] for name in ALIGNED_FIELDS})
     for prompt, body, texts in zip(prompts, bodies, segments):
-        prefix = head + list(prompt)
-        target = list(body) + tail
-        input_ids = prefix + target
-        if text_format:
-            labels = list(input_ids)
-            prompt_mask = [1] * len(input_ids)
-        else:
-            labels = [IGNORE_INDEX] * len(prefix) + target
-            prompt_mask = [1] * len(prefix) + [0] * len(target)
-        truncated = len(input_ids) > max_length
-        input_ids, labels, prompt_mask = input_ids[:max_length], labels[:max_length], prompt_mask[:max_length]
-        # Position 0 is never predicted (the loss shifts labels), so it cannot carry loss.
-        has_loss = any(label != IGNORE_INDEX for label in labels[1:])
-        empty = text_format and len(body) == 0
-        out["input_ids"].append(input_ids)
-        out["labels"].append(labels)
-        out["prompt_mask"].append(prompt_mask)
-        out[_TRUNCATED].append(truncated)
-        out[_KEEP].append(has_loss and not empty)
-        if plan is not None:
-            pieces = [list(prompt), list(body)] if not text_format else [list(body)]
-            _aligned_columns(out, plan, texts, pieces, len(head), len(tail), len(input_ids), max_length)
+        example = encode_example(
+            prompt, body, texts, text_format=text_format, bos=bos, eos=eos, max_length=max_length, plan=plan
+        )
+        out[_TRUNCATED].append(example.pop("truncated"))
+        out[_KEEP].append(example.pop("has_loss") and not (text_format and len(body) == 0))
+        for key, value in example.items():
+            out[key].append(value)
     return out
-
-
-# Per aligned augment k, the columns augment{k}_<name>.
-ALIGNED_FIELDS = ("input_ids", "settled_at", "ends")
-
-
-def _aligned_columns(
-    out,
-    plan: ReadPlan,
-    texts: list[str],
-    pieces: list[list[int]],
-    n_head: int,
-    n_tail: int,
-    kept: int,
-    max_length: int,
-):
-    """The anchor tokens' character ends and each aligned augment's own tokens of one example.
-
-    The anchor's ids are the ones above ([bos] + prompt + completion + [eos]); its reader gives
-    the same ids with their spans. Tokens the anchor lost to truncation take their augment
-    tokens with them: in causal mode an augment token is kept only if some kept anchor token may
-    read it (final by that token's end)."""
-    ends, offset = [0] * n_head, 0
-    for text, ids in zip(texts, pieces):
-        segment = plan.anchor_reader.segment(text, final=False)
-        if segment.ids != ids:
-            raise DataError(
-                f"the anchor's tokenizer gives other ids through its fast backend than through "
-                f"{type(plan.anchor_reader.tokenizer).__name__} for {text[:30]!r}, so their character spans "
-                "cannot be trusted: load the anchor's tokenizer.json as a PreTrainedTokenizerFast (tokenizer=DIR)"
-            )
-        ends += [offset + e for e in segment.ends]
-        offset += len(text)
-    ends = (ends + [offset] * n_tail)[:kept]
-    out["anchor_ends"].append(ends)
-    for k in plan.aligned_indices:
-        read = plan.augment_read(k, texts)
-        if plan.mask_mode == "causal":
-            keep = sum(1 for s in read.settled_at if s <= ends[-1])
-        else:
-            keep = min(len(read), max_length)
-        out[f"augment{k}_input_ids"].append(read.ids[:keep])
-        out[f"augment{k}_settled_at"].append(read.settled_at[:keep])
-        out[f"augment{k}_ends"].append(read.ends[:keep])

@@ -15,10 +15,16 @@ Formats follow the tools code models are scored with:
 
 Stop strings are bigcode-evaluation-harness's: a completion ends where a new top-level
 statement (function, class, test, print, ...) would begin.
+
+Instruct models are asked through the anchor's chat template instead (a task's
+``chat_template: true``): the request shows the problem in a code block and asks for the whole
+function back in one; the program runs the code of the reply's first block after the prompt (a
+function whose body is its docstring is valid Python, so the reply's definition replaces it).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from comm_cli.errors import ConfigError, DataError
@@ -43,8 +49,29 @@ class CodeProblem:
     tests: str  # appended after prompt + completion; raises when the completion is wrong
     reference: str  # the canonical solution (shown in predictions.jsonl, never executed by comm)
 
-    def program(self, completion: str) -> str:
-        return self.prompt + completion + "\n\n" + self.tests + "\n"
+    def program(self, completion: str, chat: bool = False) -> str:
+        """The test program of a plain completion, or (``chat``) of a chat reply's code."""
+        body = "\n" + code_from_reply(completion) if chat else completion
+        return self.prompt + body + "\n\n" + self.tests + "\n"
+
+
+CHAT_REQUEST = (
+    "Complete the following Python code. Reply with the complete code (the whole function, imports "
+    "included) in one ```python code block.\n\n```python\n{prompt}```"
+)
+_CODE_BLOCK = re.compile(r"```(?:[A-Za-z0-9_+-]*)\n(.*?)(?:```|$)", re.S)
+
+
+def chat_request(problem: CodeProblem) -> str:
+    """The user turn that asks an instruct model for a problem's code."""
+    return CHAT_REQUEST.format(prompt=problem.prompt)
+
+
+def code_from_reply(reply: str) -> str:
+    """The code of a chat reply: its first fenced block (an unterminated one runs to the end),
+    else the whole reply."""
+    match = _CODE_BLOCK.search(reply)
+    return match.group(1) if match else reply
 
 
 def check_format(benchmark: str, where: str) -> None:

@@ -37,8 +37,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from comm_cli.compose import ComposedModel
+from comm_cli.compose.encoding import CompletionCollator
 from comm_cli.compose.specs import ModelSpec
-from comm_cli.data.collate import CompletionCollator
 from comm_cli.errors import ConfigError
 from comm_cli.evaluation.models import EvalModel, load_eval_model
 from comm_cli.evaluation.runner import generate_texts

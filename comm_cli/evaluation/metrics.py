@@ -1,7 +1,9 @@
 """Metrics: answer extraction, exact match, chrF++/BLEU (sacrebleu), loss and perplexity, pass@k.
 
 Extraction is applied to both the generation and the reference, so "first_number" compares the
-numbers and "full" compares whitespace-stripped strings. An experiment brings its own reader as
+numbers (thousands separators dropped: "1,234" reads as 1234), "full" compares whitespace-stripped
+strings and "normalized" compares text the way QA benchmarks do (lower case, punctuation,
+articles and extra spaces dropped). An experiment brings its own reader as
 ``extract: package.module:function`` (e.g. ``comm_cli.experiments.kv_arithmetic.tasks:answer``), a
 function text -> answer or None; the core knows no experiment by name.
 """
@@ -16,18 +18,33 @@ from collections.abc import Callable, Sequence
 from comm_cli.errors import ConfigError
 
 METRICS = ("loss", "exact_match", "chrf", "bleu", "pass_at_k")
-EXTRACTORS = ("full", "first_number", "last_number", "regex", "module:function")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+EXTRACTORS = ("full", "normalized", "first_number", "last_number", "regex", "module:function")
+# A number, with thousands separators ("1,234,567") read as one number; "4,5" is two numbers.
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|-?\d+(?:\.\d+)?")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+def _number(text: str) -> str:
+    return text.replace(",", "")
+
+
+def normalize_text(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = _PUNCTUATION.sub(" ", text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def extractor(kind: str, pattern: str | None = None) -> Callable[[str], str | None]:
     """A function text -> answer (None when no answer can be read)."""
     if kind == "full":
         return lambda text: text.strip()
+    if kind == "normalized":
+        return normalize_text
     if kind == "first_number":
-        return lambda text: m.group(0) if (m := _NUMBER.search(text)) else None
+        return lambda text: _number(m.group(0)) if (m := _NUMBER.search(text)) else None
     if kind == "last_number":
-        return lambda text: found[-1] if (found := _NUMBER.findall(text)) else None
+        return lambda text: _number(found[-1]) if (found := _NUMBER.findall(text)) else None
     if ":" in kind:
         return _imported(kind)
     if kind == "regex":

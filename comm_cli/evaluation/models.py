@@ -57,10 +57,12 @@ class EvalModel:
         generator,
         stopping=None,
         prompts=None,
+        streamer=None,
     ):
         """New tokens (batch, <= max_new_tokens) after left-padded prompts. ``stopping`` (a
-        ``StopStrings``) ends a row once a stop string appears in its new text; ``prompts`` are
-        the prompt texts, which a composition with an augment of its own tokenizer reads."""
+        ``StopStrings``, or any callable (sequences, prompt_length) -> done rows) ends a row early;
+        ``prompts`` are the prompt texts, which a composition with an augment of its own tokenizer
+        reads; ``streamer`` gets the tokens as they come (transformers' protocol)."""
         kwargs = dict(
             max_new_tokens=max_new_tokens,
             do_sample=generation.do_sample,
@@ -71,7 +73,13 @@ class EvalModel:
             kwargs.update(temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p)
         if isinstance(self.model, ComposedModel):
             out = self.model.generate(
-                input_ids, attention_mask, generator=generator, stopping=stopping, prompts=prompts, **kwargs
+                input_ids,
+                attention_mask,
+                generator=generator,
+                stopping=stopping,
+                prompts=prompts,
+                streamer=streamer,
+                **kwargs,
             )
         else:
             if generation.do_sample:
@@ -79,12 +87,15 @@ class EvalModel:
             if stopping is not None:
                 from transformers import StoppingCriteriaList
 
+                from comm_cli.evaluation.stopping import as_transformers_criteria
+
                 kwargs["stopping_criteria"] = StoppingCriteriaList(
-                    [stopping.for_transformers(input_ids.shape[1])]
+                    [as_transformers_criteria(stopping, input_ids.shape[1])]
                 )
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                streamer=streamer,
                 **{k: v for k, v in kwargs.items() if v is not None},
             )
         return out[:, input_ids.shape[1] :]

@@ -8,28 +8,70 @@ from pathlib import Path
 
 import torch
 
-from comm_cli.cli import reset_accelerate_state, setup_logging
 from comm_cli.compose import ComposedModel
 from comm_cli.errors import ConfigError
 from comm_cli.evaluation.models import load_eval_model
 from comm_cli.evaluation.report import format_table, log_to_tracker, result_rows, write_results
 from comm_cli.evaluation.runner import TaskRunner
+from comm_cli.logs import setup_logging
+from comm_cli.training.engines import reset_accelerate_state
 from comm_cli.training.models import load_tokenizer
 from comm_cli.training.trackers import log_with, start_trackers
 
 logger = logging.getLogger(__name__)
 
 
+def own_data_task(cfg):
+    """(name, task) scoring your own file (``data.data_files`` / ``data.path``): loss and exact
+    match of normalised text, the task named after the file; None when no data is given."""
+    from comm_cli.schema import EvalTask
+
+    data = cfg.data
+    if data.data_files is None and data.path is None:
+        return None
+    source = data.data_files if isinstance(data.data_files, str) else data.path
+    name = Path(str(source)).name.split(".")[0] if source else "data"
+    task = EvalTask(
+        data=data,
+        metrics=["loss", "exact_match"],
+        extract="normalized",
+        max_new_tokens=512,
+        fit_to_references=True,
+    )
+    return name or "data", task
+
+
+def tasks_of(cfg) -> dict:
+    """Every task this evaluation runs: the configured ones and your own data's."""
+    tasks = dict(cfg.tasks)
+    own = own_data_task(cfg)
+    if own is not None:
+        name, task = own
+        if name in tasks:
+            name = f"data_{name}"
+        tasks[name] = task
+    return tasks
+
+
+def bridges_off(cfg) -> bool:
+    """Whether the bridges-off variant runs too: as set, else on for a composition scored on your
+    own data (what the bridges add is the question there)."""
+    if cfg.bridges_off is not None:
+        return cfg.bridges_off
+    return cfg.model == "calm" and own_data_task(cfg) is not None
+
+
 def check_tasks(cfg) -> None:
     """Metric names, answer extraction and data format of every task, before any model loads."""
     from comm_cli.evaluation import metrics as M
 
-    if not cfg.tasks and not cfg.harness.tasks:
+    if not tasks_of(cfg) and not cfg.harness.tasks:
         raise ConfigError(
-            "no evaluation task is configured: add one, e.g. '+task@tasks.mine=kv_arithmetic_heldout' "
-            "or harness.tasks=[arc_easy]"
+            "no evaluation task is configured: score your own prompt/completion file with data.data_files=FILE, "
+            "pick an experiment's tasks with suite=NAME, add one ('+task@tasks.mine=jsonl_qa "
+            "tasks.mine.data.data_files=FILE') or lm-evaluation-harness tasks (harness.tasks=[arc_easy])"
         )
-    for name, task in cfg.tasks.items():
+    for name, task in tasks_of(cfg).items():
         unknown = sorted(set(task.metrics) - set(M.METRICS))
         if unknown:
             raise ConfigError(f"tasks.{name}.metrics has unknown {unknown}: use {list(M.METRICS)}")
@@ -55,7 +97,7 @@ def check_inputs(cfg) -> None:
 
     check_tasks(cfg)
     check_harness(cfg)
-    for task in cfg.tasks.values():
+    for task in tasks_of(cfg).values():
         check_local_data(task.data)
     if cfg.model == "calm":
         if not cfg.checkpoint:
@@ -65,7 +107,14 @@ def check_inputs(cfg) -> None:
             raise ModelLoadError(
                 f"'{cfg.checkpoint}' has no {WEIGHTS_NAME}: the composition was not saved completely"
             )
-    elif cfg.model in ("lora", "full") and (not cfg.checkpoint or not Path(cfg.checkpoint).is_dir()):
+    if cfg.model in ("anchor", "augment", "lora"):
+        which = "augment" if cfg.model == "augment" else "anchor"
+        if getattr(cfg, which).name_or_path is None:
+            raise ConfigError(
+                f"model={cfg.model} needs the {which}: give {which}.name_or_path=<hub id or directory> "
+                f"(or a preset, {which}=NAME)"
+            )
+    if cfg.model in ("lora", "full") and (not cfg.checkpoint or not Path(cfg.checkpoint).is_dir()):
         raise ModelLoadError(
             f"model={cfg.model} needs checkpoint=<directory written by comm-train method={cfg.model}>, "
             f"got {cfg.checkpoint}"
@@ -112,14 +161,14 @@ def evaluate(cfg, raw_config: dict) -> list[dict]:
     runner = TaskRunner(model, tokenizer, cfg.generation, cfg, cfg.seed)
 
     variants = [("", None)]
-    if cfg.bridges_off:
+    if bridges_off(cfg):
         if not isinstance(model.model, ComposedModel):
             raise ConfigError("bridges_off=true needs model=calm")
         variants.append(("bridges off", model.model.bridges_disabled))
     rows, predictions, harness_records = [], [], {}
     for variant, context in variants:
         results = []
-        for name, task in cfg.tasks.items():
+        for name, task in tasks_of(cfg).items():
             if context is None:
                 result = runner.run(name, task)
             else:

@@ -16,16 +16,17 @@ import torch
 from accelerate.utils import send_to_device
 
 from comm_cli.compose import ComposedModel
+from comm_cli.compose.encoding import CompletionCollator, augment_pad_ids
 from comm_cli.data.build import eval_rows
-from comm_cli.data.collate import CompletionCollator
 from comm_cli.data.tokenize import tokenize_split
+from comm_cli.errors import ConfigError
 from comm_cli.evaluation import code_tasks as C
 from comm_cli.evaluation import metrics as M
 from comm_cli.evaluation.execution import Limits, run_programs
 from comm_cli.evaluation.models import EvalModel
 from comm_cli.evaluation.stopping import StopStrings, cut_at_stops
 from comm_cli.losses import loss_token_count
-from comm_cli.training.models import augment_pad_ids, batch_loss
+from comm_cli.training.models import batch_loss
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,18 @@ def generate_texts(
     return outputs
 
 
+def chat_prompt(tokenizer, text: str) -> str:
+    """``text`` as the user turn of the tokenizer's chat template, ready for the reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            "chat_template=true needs a tokenizer with a chat template (an instruct model's): this one has "
+            "none; set the task's chat_template=false"
+        )
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+
+
 class TaskRunner:
     def __init__(self, model: EvalModel, tokenizer, generation_cfg, cfg, seed: int, progress: bool = True):
         """``cfg``: the whole eval config, which a synthetic task's generator reads its section of."""
@@ -130,9 +143,14 @@ class TaskRunner:
             tokens += int(loss_token_count(batch["labels"]))
         return total / max(tokens, 1)
 
-    def generate(self, name: str, prompts: list[str], add_bos: bool, max_new: int, stops) -> list[list[str]]:
-        """``generation.num_samples`` continuations of every prompt (one when greedy)."""
+    def generate(
+        self, name: str, prompts: list[str], add_bos: bool, max_new: int, stops, chat: bool = False
+    ) -> list[list[str]]:
+        """``generation.num_samples`` continuations of every prompt (one when greedy); ``chat``:
+        each prompt as a user turn of the chat template (which brings its own special tokens)."""
         generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
+        if chat:
+            prompts, add_bos = [chat_prompt(self.tokenizer, p) for p in prompts], False
         prompt_ids = _prompt_ids(self.tokenizer, prompts, add_bos)
         return generate_texts(
             self.model,
@@ -154,7 +172,14 @@ class TaskRunner:
         references = [str(c) for c in rows[completion_field]]
         samples = self.generation.num_samples if self.generation.do_sample else 1
         max_new = self.generation.max_new_tokens if task.max_new_tokens is None else task.max_new_tokens
-        predictions = self.generate(name, prompts, task.data.add_bos, max_new, list(task.stop))
+        if task.fit_to_references and references:
+            longest = max(
+                len(ids) for ids in self.tokenizer(references, add_special_tokens=False)["input_ids"]
+            )
+            max_new = min(max_new, longest + 8)
+        predictions = self.generate(
+            name, prompts, task.data.add_bos, max_new, list(task.stop), chat=task.chat_template
+        )
         extract = M.extractor(task.extract, task.regex)
         first = [p[0] for p in predictions]
         correct = [M.exact_match(p, [r] * len(p), extract) for p, r in zip(predictions, references)]
@@ -187,10 +212,13 @@ class TaskRunner:
         rows = eval_rows(C.data_config(task.data, code.benchmark), self.cfg, self.seed, task.max_examples)
         problems = C.problems(rows, code.benchmark)
         result.n = len(problems)
-        stops = list(code.stop) if code.stop is not None else C.STOPS[code.benchmark]
+        chat = task.chat_template
+        # a chat reply ends at the template's end of turn; the code stops would cut its function short
+        stops = list(code.stop) if code.stop is not None else ([] if chat else C.STOPS[code.benchmark])
         max_new = self.generation.max_new_tokens if task.max_new_tokens is None else task.max_new_tokens
-        completions = self.generate(name, [p.prompt for p in problems], task.data.add_bos, max_new, stops)
-        programs = [p.program(c) for p, samples in zip(problems, completions) for c in samples]
+        requests = [C.chat_request(p) if chat else p.prompt for p in problems]
+        completions = self.generate(name, requests, task.data.add_bos, max_new, stops, chat=chat)
+        programs = [p.program(c, chat=chat) for p, samples in zip(problems, completions) for c in samples]
         logger.info(
             "%s: running %d programs (timeout %ss, %d MiB each)",
             name,

@@ -37,15 +37,18 @@ class StopStrings:
 
     def for_transformers(self, prompt_length: int):
         """The same criterion as a transformers ``StoppingCriteria`` (for plain models' ``generate``)."""
-        from transformers import StoppingCriteria
+        return as_transformers_criteria(self, prompt_length)
 
-        stop = self
 
-        class _Criteria(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return stop(input_ids, prompt_length).to(input_ids.device)
+def as_transformers_criteria(stop, prompt_length: int):
+    """Any ``stop(sequences, prompt_length) -> done rows`` as a transformers ``StoppingCriteria``."""
+    from transformers import StoppingCriteria
 
-        return _Criteria()
+    class _Criteria(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return stop(input_ids, prompt_length).to(input_ids.device)
+
+    return _Criteria()
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:

@@ -6,7 +6,9 @@ demo; what they do alike lives here once, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 
 
 def derive_seed(seed: int, name: str) -> int:
@@ -33,3 +35,49 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     ]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def pad_rows(rows, pad_id: int) -> dict:
+    """Right-pad ``(ids, labels)`` rows to the longest: ``input_ids``, ``attention_mask`` and
+    ``labels`` (unshifted: the model or the caller shifts them) for a specialist's training step."""
+    import torch
+
+    from comm_cli.losses import IGNORE_INDEX
+
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    target = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, labels) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        target[i, : len(labels)] = torch.tensor(labels)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": target}
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Run a block with ``num_threads`` torch threads (None: leave the setting alone)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers draws a progress bar for every save and load; a build saves several models."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

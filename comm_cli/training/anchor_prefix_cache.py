@@ -23,20 +23,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from comm_cli.atomic import building, read_manifest, write_manifest
 from comm_cli.compose.loading import dtype_name, torch_dtype
 from comm_cli.compose.prefix import prefix_states
-from comm_cli.training.augment_cache import _NUMPY, read_manifest, states_from_numpy, states_to_numpy
+from comm_cli.training.augment_cache import numpy_dtype, right_padded, states_from_numpy, states_to_numpy
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 CACHE_VERSION = 1
 
 
@@ -61,19 +59,19 @@ class AnchorPrefixCache:
         self.offsets = np.load(self.directory / "offsets.npy")
         self.states = np.memmap(
             self.directory / "states.bin",
-            dtype=_NUMPY[self.dtype],
+            dtype=numpy_dtype(self.dtype),
             mode="r",
             shape=(manifest["tokens"], self.width),
         )
 
     @classmethod
     def open(cls, directory: str | Path, fingerprint: str) -> AnchorPrefixCache | None:
-        manifest = read_manifest(directory, fingerprint, CACHE_VERSION)
+        manifest = read_manifest(directory, fingerprint=fingerprint, version=CACHE_VERSION)
         return None if manifest is None else cls(Path(directory), manifest)
 
     def batch_states(self, example_ids: list[int], length: int) -> torch.Tensor:
         """(batch, length, width) states of a right-padded batch; zeros on padding."""
-        array = np.zeros((len(example_ids), length, self.width), dtype=_NUMPY[self.dtype])
+        array = np.zeros((len(example_ids), length, self.width), dtype=numpy_dtype(self.dtype))
         for row, example in enumerate(example_ids):
             start, end = int(self.offsets[example]), int(self.offsets[example + 1])
             n = min(end - start, length)
@@ -91,53 +89,49 @@ def build_cache(anchor, layers, length: int, dataset, directory: str | Path, fin
     from comm_cli.compose.masks import positions_from_mask
 
     directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     device = next(anchor.parameters()).device
     offsets, dtype, width = [0], None, None
-    with open(tmp / "states.bin", "wb") as handle:
-        for start in tqdm(range(0, len(dataset), batch_size), desc="anchor prefix states", leave=False):
-            rows = [dataset[i]["input_ids"] for i in range(start, min(start + batch_size, len(dataset)))]
-            lengths = [len(r) for r in rows]
-            ids = torch.zeros((len(rows), max(lengths)), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, row in enumerate(rows):
-                ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-                mask[i, : len(row)] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            states = prefix_states(
-                anchor,
-                layers,
-                length,
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions_from_mask(mask),
-            ).cpu()
-            dtype, width = states.dtype, states.shape[-1]
-            array = states_to_numpy(states)
-            for i, n in enumerate(lengths):
-                handle.write(np.ascontiguousarray(array[i, :n]).tobytes())
-                offsets.append(offsets[-1] + n)
-    np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-    manifest = {
-        "version": CACHE_VERSION,
-        "fingerprint": fingerprint,
-        "dtype": dtype_name(dtype),
-        "width": width,
-        "prefix_layers": length,
-        "examples": len(dataset),
-        "tokens": offsets[-1],
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+
+    def complete(path: Path) -> bool:  # another run sharing the cache directory built it first
+        return read_manifest(path, fingerprint=fingerprint, version=CACHE_VERSION) is not None
+
+    with building(directory, keep=complete) as tmp:
+        with open(tmp / "states.bin", "wb") as handle:
+            for start in tqdm(range(0, len(dataset), batch_size), desc="anchor prefix states", leave=False):
+                rows = [dataset[i]["input_ids"] for i in range(start, min(start + batch_size, len(dataset)))]
+                ids, mask = right_padded(rows, device)
+                states = prefix_states(
+                    anchor,
+                    layers,
+                    length,
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions_from_mask(mask),
+                ).cpu()
+                dtype, width = states.dtype, states.shape[-1]
+                array = states_to_numpy(states)
+                for i, row in enumerate(rows):
+                    handle.write(np.ascontiguousarray(array[i, : len(row)]).tobytes())
+                    offsets.append(offsets[-1] + len(row))
+        np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        write_manifest(
+            tmp,
+            {
+                "version": CACHE_VERSION,
+                "fingerprint": fingerprint,
+                "dtype": dtype_name(dtype),
+                "width": width,
+                "prefix_layers": length,
+                "examples": len(dataset),
+                "tokens": offsets[-1],
+            },
+        )
+    megabytes = offsets[-1] * width * np.dtype(numpy_dtype(dtype)).itemsize / 1e6
     logger.info(
         "cached the anchor's first %d layers' states of %d examples (%d tokens, %.0f MB) in %s",
-        length, len(dataset), offsets[-1], offsets[-1] * width * np.dtype(_NUMPY[dtype]).itemsize / 1e6, directory,
+        length, len(dataset), offsets[-1], megabytes, directory,
     )  # fmt: skip
-    return AnchorPrefixCache(directory, manifest)
+    return AnchorPrefixCache.open(directory, fingerprint)
 
 
 class PrefixStatesCollator:

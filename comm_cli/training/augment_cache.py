@@ -27,18 +27,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from comm_cli.atomic import building, read_manifest, write_manifest
 from comm_cli.compose.loading import dtype_name, torch_dtype
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 CACHE_VERSION = 2  # offsets per augmenting model
 
 
@@ -48,6 +46,11 @@ def offsets_name(augment: int) -> str:
 
 # numpy has no bfloat16: its states are stored as the raw 16-bit words and viewed back.
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+
+
+def numpy_dtype(dtype: torch.dtype) -> type:
+    """The numpy type a cache file stores states of ``dtype`` as."""
+    return _NUMPY[dtype]
 
 
 def states_to_numpy(states: torch.Tensor) -> np.ndarray:
@@ -62,16 +65,14 @@ def states_from_numpy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
 
 
-def read_manifest(directory: str | Path, fingerprint: str, version: int) -> dict | None:
-    """A cache directory's manifest if it is complete and was built for this fingerprint and
-    cache version; None otherwise (the caller builds it)."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
-    manifest = json.loads(path.read_text())
-    if manifest.get("fingerprint") != fingerprint or manifest.get("version") != version:
-        return None
-    return manifest
+def right_padded(token_ids: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of a right-padded batch of token id lists, on ``device``."""
+    ids = torch.zeros((len(token_ids), max(max(len(t) for t in token_ids), 1)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row_ids in enumerate(token_ids):
+        ids[i, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+        mask[i, : len(row_ids)] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _aligned(model, augment: int) -> bool:
@@ -117,7 +118,7 @@ class AugmentStateCache:
 
     @classmethod
     def open(cls, directory: str | Path, fingerprint: str) -> AugmentStateCache | None:
-        manifest = read_manifest(directory, fingerprint, CACHE_VERSION)
+        manifest = read_manifest(directory, fingerprint=fingerprint, version=CACHE_VERSION)
         return None if manifest is None else cls(Path(directory), manifest)
 
     def _map(self, augment: int, layer: int, width: int, shard: int) -> np.memmap:
@@ -167,39 +168,40 @@ def build_cache(
 ) -> AugmentStateCache:
     """Run the augmenting models once over ``dataset`` and write their connected-layer states."""
     directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    layers, shards, totals = [], {}, {}
-    for augment, layer_list in enumerate(model._capture_layers):
-        width = model._augment_configs[augment].get_text_config().hidden_size
-        layers += [(augment, layer, width) for layer in layer_list]
-        shards[str(augment)], totals[str(augment)] = _write_augment(
-            model, dataset, tmp, augment, layer_list, width, dtype, batch_size, shard_tokens
+
+    def complete(path: Path) -> bool:  # another run sharing the cache directory built it first
+        return read_manifest(path, fingerprint=fingerprint, version=CACHE_VERSION) is not None
+
+    with building(directory, keep=complete) as tmp:
+        layers, shards, totals = [], {}, {}
+        for augment, layer_list in enumerate(model._capture_layers):
+            width = model._augment_configs[augment].get_text_config().hidden_size
+            layers += [(augment, layer, width) for layer in layer_list]
+            shards[str(augment)], totals[str(augment)] = _write_augment(
+                model, dataset, tmp, augment, layer_list, width, dtype, batch_size, shard_tokens
+            )
+        bytes_per_token = sum(width for _, _, width in layers) * np.dtype(_NUMPY[dtype]).itemsize
+        write_manifest(
+            tmp,
+            {
+                "version": CACHE_VERSION,
+                "fingerprint": fingerprint,
+                "dtype": dtype_name(dtype),
+                "layers": [list(x) for x in layers],
+                "shards": shards,
+                "examples": len(dataset),
+                "tokens": totals,
+                "bytes_per_token": bytes_per_token,
+            },
         )
-    numpy_dtype = _NUMPY[dtype]
-    manifest = {
-        "version": CACHE_VERSION,
-        "fingerprint": fingerprint,
-        "dtype": dtype_name(dtype),
-        "layers": [list(x) for x in layers],
-        "shards": shards,
-        "examples": len(dataset),
-        "tokens": totals,
-        "bytes_per_token": sum(width for _, _, width in layers) * np.dtype(numpy_dtype).itemsize,
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
     logger.info(
         "cached augment states of %d examples (%s tokens per augment, %d bytes/token) in %s",
         len(dataset),
         totals,
-        manifest["bytes_per_token"],
+        bytes_per_token,
         directory,
     )
-    return AugmentStateCache(directory, manifest)
+    return AugmentStateCache.open(directory, fingerprint)
 
 
 def _write_augment(model, dataset, tmp: Path, augment, layer_list, width, dtype, batch_size, shard_tokens):
@@ -220,12 +222,7 @@ def _write_augment(model, dataset, tmp: Path, augment, layer_list, width, dtype,
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             token_ids = [augment_token_ids(r, model, augment) for r in rows]
             lengths = [len(t) for t in token_ids]
-            ids = torch.zeros((len(rows), max(max(lengths), 1)), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, row_ids in enumerate(token_ids):
-                ids[i, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-                mask[i, : len(row_ids)] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = right_padded(token_ids, device)
             states = model.augment_states(augment, ids, mask, positions_from_mask(mask))
             if shards[-1]["tokens"] + sum(lengths) > shard_tokens and shards[-1]["tokens"] > 0:
                 for handle in files.values():

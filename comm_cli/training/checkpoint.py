@@ -34,6 +34,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from comm_cli.atomic import atomic_write_text, discard_directory
 from comm_cli.errors import CheckpointError, OutputDirError
 
 logger = logging.getLogger(__name__)
@@ -62,17 +63,11 @@ class TrainerState:
     files: dict[str, dict] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
-        """Write under a temporary name, flush to disk, rename. The JSON carries a hash of its own
-        content, so a damaged state file is told from a valid one."""
+        """Write atomically and flushed to disk. The JSON carries a hash of its own content, so a
+        damaged state file is told from a valid one."""
         data = asdict(self)
         data["checksum"] = _json_digest(data)
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w") as handle:
-            handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n", durable=True)
 
     @classmethod
     def load(cls, path: Path) -> TrainerState:
@@ -117,15 +112,6 @@ def file_manifest(directory: Path) -> dict[str, dict]:
             os.fsync(handle.fileno())
         manifest[relative] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
     return manifest
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename or a new entry in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -176,11 +162,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
-    """Drop the ``.tmp-*`` (half-written) and ``.pruned-*`` (half-deleted) directories a killed
-    run left behind (main process only)."""
+    """Drop the ``.tmp-*`` (half-written) and ``.old-*`` (half-deleted; ``.pruned-*`` from older
+    comm) directories a killed run left behind (main process only: every rank of a run writes
+    into one ``.tmp-step_N``, and the run directory's lock keeps other runs out)."""
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
-        for pattern in (".tmp-*", ".pruned-*"):
+        for pattern in (".tmp-*", ".old-*", ".pruned-*"):
             for path in root.glob(pattern):
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -189,13 +176,9 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     if keep_last < 1:
         return
     for path in complete_checkpoints(run_dir)[:-keep_last]:
-        # Renamed first (atomic), then deleted: a kill during the deletion leaves a
-        # ``.pruned-*`` directory the next start removes, never a step directory with files missing.
-        doomed = path.with_name(f".pruned-{path.name}")
-        if doomed.exists():  # left by a kill, if this start did not remove it
-            shutil.rmtree(doomed, ignore_errors=True)
-        os.replace(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        # never a step directory with files missing: a kill during the deletion leaves an
+        # ``.old-*`` directory the next start removes
+        discard_directory(path)
 
 
 def lock_run_dir(run_dir: Path):

@@ -223,3 +223,12 @@ def load_fsdp_state(accelerator, model, optimizer, in_dir: Path) -> None:
         accelerator.scaler,
         "cpu",
     )
+
+
+def reset_accelerate_state() -> None:
+    """Forget the process-wide Accelerate state, so that the next job in this process (a Hydra
+    sweep's next run, a test) builds a fresh Accelerator with its own settings."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()

@@ -6,33 +6,62 @@ run from the model configs and tokenizers, before any weights load.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from comm_cli.compose import ComposedModel, CompositionConfig, check_config
-from comm_cli.compose.alignment import ReadPlan, TokenReader, check_settle_rule, plan_alignment
+from comm_cli.compose.alignment import ReadPlan
 from comm_cli.compose.blocks import hidden_size, num_layers
 from comm_cli.compose.bridge import bridge_parameter_count
 from comm_cli.compose.loading import load_causal_lm, load_model_config, load_tokenizer  # noqa: F401
 from comm_cli.compose.masks import positions_from_mask
-from comm_cli.compose.specs import AugmentSpec
-from comm_cli.errors import ConfigError, ModelLoadError
+from comm_cli.compose.specs import AugmentSpec, ModelSpec
+from comm_cli.compose.tokenizers import load_tokenizers, plan_reading
+from comm_cli.errors import ConfigError
 from comm_cli.losses import kept_logits_loss, loss_mask, loss_targets, next_token_loss
 from comm_cli.output_head import keeps_loss_logits
 
 logger = logging.getLogger(__name__)
 
 
-def composition_config(cfg) -> CompositionConfig:
-    """The composition described by a train/eval config (``augment`` plus ``extra_augments``)."""
-    models = [(cfg.augment, cfg.mapping)] + [(entry.model, entry.mapping) for entry in cfg.extra_augments]
+@dataclass(frozen=True)
+class CalmPlan:
+    """What a CALM run resolves from its config and the tokenizers before its model loads (the
+    config itself is only read): where each model's tokenizer comes from (an augmenting model
+    that ships none: its spec's ``tokenizer``, unset), how each augmenting model reads text
+    ("shared": the anchor's ids, "aligned": its own tokens), and the readers that line its tokens
+    up (``reading``; None when every augment reads the anchor's ids)."""
+
+    anchor_tokenizer: str
+    augment_tokenizers: list[str | None]
+    token_paths: list[str]
+    reading: ReadPlan | None
+
+
+def augment_model_specs(cfg) -> list[ModelSpec]:
+    """The augmenting models of a train/eval config: ``augment``, then ``extra_augments``."""
+    return [cfg.augment] + [entry.model for entry in cfg.extra_augments]
+
+
+def composition_config(cfg, plan: CalmPlan | None = None) -> CompositionConfig:
+    """The composition described by a train/eval config (``augment`` plus ``extra_augments``);
+    with a ``plan``, each model's tokenizer source and each augment's token path as resolved."""
+    anchor, models = cfg.anchor, augment_model_specs(cfg)
+    mappings = [cfg.mapping] + [entry.mapping for entry in cfg.extra_augments]
+    paths = requested_token_paths(cfg)
+    if plan is not None:
+        anchor = dataclasses.replace(anchor, tokenizer=plan.anchor_tokenizer)
+        models = [dataclasses.replace(m, tokenizer=t) for m, t in zip(models, plan.augment_tokenizers)]
+        paths = plan.token_paths
     augments = [
         AugmentSpec(model=model, mapping=mapping, tokens=tokens)
-        for (model, mapping), tokens in zip(models, requested_token_paths(cfg))
+        for model, mapping, tokens in zip(models, mappings, paths)
     ]
-    return CompositionConfig(anchor=cfg.anchor, augments=augments, bridge=cfg.bridge, mask_mode=cfg.mask_mode)
+    return CompositionConfig(anchor=anchor, augments=augments, bridge=cfg.bridge, mask_mode=cfg.mask_mode)
 
 
 def requested_token_paths(cfg) -> list[str]:
@@ -42,34 +71,25 @@ def requested_token_paths(cfg) -> list[str]:
     return [getattr(cfg, "augment_tokens", None) or "auto", *extra]
 
 
-def read_plan(cfg, anchor_tokenizer, sample_texts) -> ReadPlan | None:
-    """How each augmenting model of a CALM config reads text: the anchor's token ids when the
-    tokenizers read identically (None for all: the plain path), else its own tokens lined up
-    through characters. Each model's tokenizer source is recorded in its spec (so a saved
-    composition names it), and in causal mode the settle rule of every aligned tokenizer is
-    checked against its own prefix tokenizations of ``sample_texts`` before anything trains."""
-    specs = [cfg.augment] + [entry.model for entry in cfg.extra_augments]
-    cfg.anchor.tokenizer = cfg.tokenizer or cfg.anchor.tokenizer or cfg.anchor.name_or_path
-    tokenizers, names = [], []
-    for i, spec in enumerate(specs):
-        names.append(f"augment {i} ({spec.name_or_path})")
-        source = spec.tokenizer or spec.name_or_path
-        try:
-            tokenizers.append(load_tokenizer(source, spec, f"augmenting model {i}'s tokenizer"))
-            spec.tokenizer = source
-        except ModelLoadError:
-            logger.warning(
-                "the augmenting model %s ships no tokenizer: it reads the anchor's token ids", source
-            )
-            tokenizers.append(None)
-    readers = plan_alignment(anchor_tokenizer, tokenizers, names, sample_texts, requested_token_paths(cfg))
-    if not any(reader is not None for reader in readers):
-        return None
-    if cfg.mask_mode == "causal":
-        for reader in readers:
-            if reader is not None:
-                check_settle_rule(reader, list(sample_texts)[:64])
-    return ReadPlan(TokenReader(anchor_tokenizer, "the anchor", settle=False), readers, cfg.mask_mode)
+def plan_calm(cfg, anchor_tokenizer, sample_texts) -> CalmPlan:
+    """How each model of a CALM config reads text: each augmenting model reads the anchor's token
+    ids when the tokenizers read identically, else its own tokens lined up through characters.
+    In causal mode every aligned tokenizer gets its settle rule (or the run stops in one line);
+    one the rule is not argued for is checked on ``sample_texts`` here and on every example when
+    the data is tokenized (``plan_alignment``, ``tokenize_split``)."""
+    specs = augment_model_specs(cfg)
+    tokenizers = load_tokenizers(cfg.anchor, specs, override=cfg.tokenizer, anchor_tokenizer=anchor_tokenizer)
+    names = [f"augment {i} ({spec.name_or_path})" for i, spec in enumerate(specs)]
+    reading = plan_reading(
+        anchor_tokenizer, tokenizers.augments, names, requested_token_paths(cfg), cfg.mask_mode, sample_texts
+    )
+    readers = reading.augment_readers if reading is not None else [None] * len(specs)
+    return CalmPlan(
+        anchor_tokenizer=tokenizers.anchor_source,
+        augment_tokenizers=tokenizers.augment_sources,
+        token_paths=["aligned" if reader is not None else "shared" for reader in readers],
+        reading=reading,
+    )
 
 
 def sample_texts(rows, data_cfg, n: int = 64) -> list[str]:
@@ -85,15 +105,8 @@ def sample_texts(rows, data_cfg, n: int = 64) -> list[str]:
     return texts
 
 
-def augment_pad_ids(plan: ReadPlan | None) -> list[int | None] | None:
-    """The pad id of each augmenting model that reads its own tokens (for the collator)."""
-    if plan is None:
-        return None
-    return [None if r is None else (r.tokenizer.pad_token_id or 0) for r in plan.augment_readers]
-
-
-def build_calm(cfg, device=None) -> ComposedModel:
-    config = composition_config(cfg)
+def build_calm(cfg, plan: CalmPlan | None = None, device=None) -> ComposedModel:
+    config = composition_config(cfg, plan)
     model = ComposedModel.from_config(config, device=device)
     if cfg.trainer.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -204,10 +217,11 @@ def build_full(cfg, device=None) -> nn.Module:
     return anchor
 
 
-def build_model(cfg, device=None) -> nn.Module:
+def build_model(cfg, plan: CalmPlan | None = None, device=None) -> nn.Module:
+    """What ``method.name`` trains; ``plan`` (CALM): what ``plan_calm`` resolved."""
     name = cfg.method.name
     if name == "calm":
-        return build_calm(cfg, device)
+        return build_calm(cfg, plan, device)
     if name == "lora":
         return build_lora(cfg, device)
     if name == "full":

@@ -14,6 +14,7 @@ import datasets
 
 from comm_cli.errors import DataError
 from comm_cli.experiments.kv_arithmetic import tasks as kv
+from comm_cli.experiments.kv_arithmetic.config import KVTaskConfig
 from comm_cli.experiments.kv_arithmetic.world import KVWorld
 
 
@@ -29,7 +30,10 @@ def load_world(kv_dir: str | Path) -> KVWorld:
 def _world(cfg) -> KVWorld:
     kv_cfg = getattr(cfg, "kv", None)
     if kv_cfg is None or not getattr(kv_cfg, "dir", None):
-        raise DataError("the key-value task needs kv.dir (where the specialists and their world.json live)")
+        raise DataError(
+            "the key-value task needs the kv section (kv.dir: where the specialists and their world.json "
+            "live): add experiment=kv_arithmetic to comm-train, suite=kv_arithmetic to comm-eval, or kv={}"
+        )
     return load_world(kv_cfg.dir)
 
 
@@ -41,15 +45,18 @@ def kv_split(task: str, n: int, seed: int, world: KVWorld, key_split: str) -> da
     return datasets.Dataset.from_list(rows)
 
 
+def _task(data_cfg) -> KVTaskConfig:
+    """``data.kv`` (its defaults when the config names the generator without the section)."""
+    return getattr(data_cfg, "kv", None) or KVTaskConfig()
+
+
 def raw_splits(data_cfg, cfg, seed: int = 0) -> datasets.DatasetDict:
     """Training rows ("train", and "validation" when ``data.kv.validation_examples`` > 0)."""
-    world = _world(cfg)
-    splits = {"train": _mixed_split(data_cfg.kv, data_cfg.kv.train_examples, seed, world)}
-    if data_cfg.kv.validation_examples:
+    world, task = _world(cfg), _task(data_cfg)
+    splits = {"train": _mixed_split(task, task.train_examples, seed, world)}
+    if task.validation_examples:
         # A different seed: fresh expressions over the same keys.
-        splits["validation"] = _mixed_split(
-            data_cfg.kv, data_cfg.kv.validation_examples, seed + 1_000_003, world
-        )
+        splits["validation"] = _mixed_split(task, task.validation_examples, seed + 1_000_003, world)
     return datasets.DatasetDict(splits)
 
 
@@ -68,7 +75,5 @@ def _mixed_split(kv_cfg, n: int, seed: int, world: KVWorld) -> datasets.Dataset:
 
 def eval_rows(data_cfg, cfg, seed: int = 0) -> datasets.Dataset:
     """``data.kv.eval_examples`` fresh examples of the task (a seed no training split uses)."""
-    world = _world(cfg)
-    return kv_split(
-        data_cfg.kv.task, data_cfg.kv.eval_examples, seed + 2_000_029, world, data_cfg.kv.key_split
-    )
+    world, task = _world(cfg), _task(data_cfg)
+    return kv_split(task.task, task.eval_examples, seed + 2_000_029, world, task.key_split)

@@ -46,10 +46,9 @@ def compose_train_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from comm_cli.cli import config_dir
-    from comm_cli.schema import register_schemas
+    from comm_cli.cli import config_dir, register_configs
 
-    register_schemas()
+    register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[*overrides, "output_dir=unused"])
     return OmegaConf.to_object(cfg)
@@ -332,7 +331,7 @@ def base_overrides(args, specialist_seed: int) -> tuple[list[str], list[str]]:
         f"kv.specialists.seed={specialist_seed}",
     ]
     train += FAST_TRAIN if args.fast else []
-    evaluation = [f"logger={args.logger}"] + (FAST_EVAL if args.fast else [])
+    evaluation = ["suite=kv_arithmetic", f"logger={args.logger}"] + (FAST_EVAL if args.fast else [])
     if args.fast:
         evaluation += [f"tasks.{task}.data.kv.eval_examples=8" for task in COLUMNS]
     return train, evaluation

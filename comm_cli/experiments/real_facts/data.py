@@ -16,6 +16,7 @@ import datasets
 
 from comm_cli.errors import DataError
 from comm_cli.experiments.real_facts import tasks
+from comm_cli.experiments.real_facts.config import FactsTaskConfig
 from comm_cli.experiments.real_facts.world import FactsWorld
 
 WORLD = "world.json"
@@ -31,7 +32,10 @@ def load_world(facts_dir: str | Path) -> FactsWorld:
 def _world(cfg) -> FactsWorld:
     facts = getattr(cfg, "facts", None)
     if facts is None or not getattr(facts, "dir", None):
-        raise DataError("the real-facts task needs facts.dir (where its world.json and specialists live)")
+        raise DataError(
+            "the real-facts task needs the facts section (facts.dir: where its world.json and specialists "
+            "live): add experiment=real_facts to comm-train, suite=real_facts to comm-eval, or facts={}"
+        )
     return load_world(facts.dir)
 
 
@@ -40,7 +44,7 @@ def raw_splits(data_cfg, cfg, seed: int = 0) -> datasets.DatasetDict:
     about ``data.facts.validation_people``, drawn with ``data.facts.seed`` (default: ``seed``,
     the training seed)."""
     world = _world(cfg)
-    f = data_cfg.facts
+    f = getattr(data_cfg, "facts", None) or FactsTaskConfig()
     seed = seed if f.seed is None else f.seed
     train_people = world.split(f.people)
     rows = tasks.sample(dict(f.mix), f.train_examples, seed, world, train_people, f.two_hop_style)
@@ -63,7 +67,7 @@ def eval_rows(data_cfg, cfg, seed: int = 0) -> datasets.Dataset:
     """The canonical question of ``data.facts.eval_task`` once per person of
     ``data.facts.people`` (once per city of the world for ``skill``), in a fixed order."""
     world = _world(cfg)
-    f = data_cfg.facts
+    f = getattr(data_cfg, "facts", None) or FactsTaskConfig()
     rows = tasks.examples(f.eval_task, world, world.split(f.people), two_hop_style=f.two_hop_style)
     if f.eval_examples is not None:
         rows = rows[: f.eval_examples]

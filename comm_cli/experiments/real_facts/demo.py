@@ -45,10 +45,9 @@ def compose_train_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from comm_cli.cli import config_dir
-    from comm_cli.schema import register_schemas
+    from comm_cli.cli import config_dir, register_configs
 
-    register_schemas()
+    register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[*overrides, "output_dir=unused"])
     return OmegaConf.to_object(cfg)

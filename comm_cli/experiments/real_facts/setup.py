@@ -10,11 +10,7 @@ others wait.
 from __future__ import annotations
 
 import logging
-import os
-import time
 from pathlib import Path
-
-from comm_cli.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -43,62 +39,29 @@ def prepare(cfg) -> None:
     and they are not cached yet."""
     if not uses_facts(cfg):
         return
-    from comm_cli.experiments.real_facts.anchor import ensure_anchor, read_manifest
-    from comm_cli.experiments.real_facts.specialists import ensure_bases, read_complete_manifest
+    from comm_cli.compose.specs import ModelSpec
+    from comm_cli.experiments.builds import prepare_build
+    from comm_cli.experiments.real_facts import anchor, specialists
 
     facts_dir = Path(cfg.facts.dir).expanduser()
     settings = cfg.facts.settings
-    if read_manifest(anchor_dir(cfg)) is not None:
-        if read_complete_manifest(facts_dir, settings) is not None:
-            return
-        built = _complete_build_hash(facts_dir)
-        if built is not None:
-            # facts.dir was named explicitly and holds a finished build: use it as it is.
-            logger.warning(
-                "facts.dir %s holds bases built with other settings (%s, the config describes %s): using them as they are",
-                facts_dir,
-                built,
-                settings.hash(),
-            )
-            return
-    if not cfg.facts.build:
-        raise ModelLoadError(
-            f"the real-facts bases are missing in {facts_dir}: run `make demo-real` once or set facts.build=true"
-        )
-    if os.environ.get("RANK", "0") != "0":
-        _wait_for(cfg)
-        return
-    logger.info("building the real-facts bases in %s (first use; later runs reuse them)", facts_dir)
-    from comm_cli.compose.specs import ModelSpec
+    missing = (
+        f"the real-facts bases are missing in {facts_dir}: run `make demo-real` once or set facts.build=true"
+    )
+    source = ModelSpec(cfg.facts.source) if cfg.facts.source else None
+    converted = anchor.directory_of(anchor_dir(cfg))
+    prepare_build(
+        converted,
+        None,
+        lambda: anchor.ensure_anchor(converted.path, source),
+        may_build=cfg.facts.build,
+        missing=missing,
+    )
 
-    ensure_anchor(anchor_dir(cfg), ModelSpec(cfg.facts.source) if cfg.facts.source else None)
-    ensure_bases(facts_dir, anchor_dir(cfg), settings)
+    def make() -> None:
+        logger.info("building the real-facts bases in %s (first use; later runs reuse them)", facts_dir)
+        specialists.ensure_bases(facts_dir, converted.path, settings)
 
-
-def _complete_build_hash(facts_dir: Path) -> str | None:
-    """The settings hash of a finished build in ``facts_dir`` (whatever its settings), else None."""
-    import json
-
-    try:
-        manifest = json.loads((facts_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not manifest.get("complete") or not (facts_dir / "specialist" / "config.json").is_file():
-        return None
-    return manifest.get("settings_hash")
-
-
-def _wait_for(cfg, timeout_s: float = 3600.0) -> None:
-    from comm_cli.experiments.real_facts.anchor import read_manifest
-    from comm_cli.experiments.real_facts.specialists import read_complete_manifest
-
-    start = time.time()
-    while (
-        read_manifest(anchor_dir(cfg)) is None
-        or read_complete_manifest(cfg.facts.dir, cfg.facts.settings) is None
-    ):
-        if time.time() - start > timeout_s:
-            raise ModelLoadError(
-                f"timed out waiting for rank 0 to build the real-facts bases in {cfg.facts.dir}"
-            )
-        time.sleep(2.0)
+    prepare_build(
+        specialists.directory_of(facts_dir), settings.hash(), make, may_build=cfg.facts.build, missing=missing
+    )

@@ -23,114 +23,45 @@ manifest (written last), so a killed build never looks complete:
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from comm_cli.errors import DataError, OutputDirError
+from comm_cli.errors import DataError
+from comm_cli.experiments.builds import BuildDirectory
 from comm_cli.experiments.real_facts import tasks
+from comm_cli.experiments.real_facts.config import RECIPE_VERSION, FactsSettings
 from comm_cli.experiments.real_facts.generation import greedy_answers
 from comm_cli.experiments.real_facts.world import CITIES, COUNTRY_OF, FactsWorld
-from comm_cli.experiments.shared import derive_seed
+from comm_cli.experiments.shared import derive_seed, no_progress_bars, pad_rows, torch_threads
 from comm_cli.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-# Bump when the build changes in a way the settings do not show (cached builds are then rebuilt).
-RECIPE_VERSION = 1
-MANIFEST = "manifest.json"
 WORLD = "world.json"
 MODELS = ("generic", "specialist", "random")
-_OUR_ENTRIES = {*MODELS, WORLD, MANIFEST}
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-
-
-@dataclass
-class SpecialistSettings:
-    """The truncated copy of the anchor and how it learns the statements."""
-
-    layers: int = 4
-    # about 4 passes over the 8000 statements (2000 people x 4 phrasings), ~40 statements a step
-    steps: int = 800
-    batch_size: int = 16  # lines, of 2.5 statements on average
-    lr: float = 5e-4
-    warmup_steps: int = 16
-    freeze_embeddings: bool = True
-    # A training line holds 1..statements_per_line statements about random people, so the
-    # specialist recalls a city after any prefix (in the composition it reads a chat-formatted
-    # question before the answer), not only at the start of a text.
-    statements_per_line: int = 4
-
-
-@dataclass
-class FactsSettings:
-    """Everything that decides the world and the augmenting models. Defaults are the demo's."""
-
-    seed: int = 0
-    # Many composition people is what makes the bridges read the specialist instead of memorising
-    # name -> city pairs (measured, held-out one hop: 120 composition people 17.5%, 600 66.7%,
-    # 1400 74%; README, "A real pretrained anchor").
-    num_people: int = 2000
-    composition_fraction: float = 0.7
-    validation_fraction: float = 0.05
-    # Keep only the cities whose country the anchor names (false: every candidate, for tests).
-    filter_cities: bool = True
-    min_cities: int = 10
-    # Of those, the world uses this many (a seeded draw; None: all). Few cities and many people
-    # per city is what makes the bridges read the specialist: each city's reading is then learnt
-    # from several composition people, so it is cheaper than memorising person -> city.
-    num_cities: int | None = 24
-    specialist: SpecialistSettings = field(default_factory=SpecialistSettings)
-    # Not part of the settings hash: speed, not what is built. None leaves torch's setting alone.
-    num_threads: int | None = 2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> FactsSettings:
-        data = dict(data)
-        specialist = SpecialistSettings(**data.pop("specialist", {}))
-        return cls(specialist=specialist, **data)
-
-    def hash(self) -> str:
-        data = self.to_dict()
-        data.pop("num_threads")
-        data["recipe_version"] = RECIPE_VERSION
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry points
 
 
+def directory_of(directory: str | Path) -> BuildDirectory:
+    """The bases' build directory (``comm_cli.experiments.builds``)."""
+    needs = (WORLD, *(f"{model}/{name}" for model in MODELS for name in _MODEL_FILES))
+    return BuildDirectory(Path(directory).absolute(), frozenset({*MODELS, WORLD}), needs, "real-facts output")
+
+
 def read_complete_manifest(directory: str | Path, settings: FactsSettings) -> dict | None:
     """The manifest of a complete build of exactly these settings in ``directory``, else None."""
-    directory = Path(directory)
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if not manifest.get("complete") or manifest.get("settings_hash") != settings.hash():
-        return None
-    if not (directory / WORLD).is_file():
-        return None
-    if not all((directory / m / f).is_file() for m in MODELS for f in _MODEL_FILES):
-        return None
-    return manifest
+    return directory_of(directory).complete(settings.hash())
 
 
 def ensure_bases(directory: str | Path, anchor_dir: str | Path, settings: FactsSettings) -> dict:
@@ -143,29 +74,12 @@ def ensure_bases(directory: str | Path, anchor_dir: str | Path, settings: FactsS
 
 
 def build_bases(directory: str | Path, anchor_dir: str | Path, settings: FactsSettings) -> dict:
-    directory = Path(directory).absolute()
-    _check_replaceable(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}-{time.time_ns()}"
-    tmp.mkdir()
-    try:
-        with _torch_threads(settings.num_threads):
-            manifest = _build_into(tmp, Path(anchor_dir), settings)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        theirs = read_complete_manifest(directory, settings)
-        if theirs is not None:  # another process finished the same build first
-            return theirs
-        if directory.exists():
-            _check_replaceable(directory)
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-        return manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    def fill(tmp: Path) -> dict:
+        with torch_threads(settings.num_threads):
+            return _build_into(tmp, Path(anchor_dir), settings)
 
-
-# ---------------------------------------------------------------------------------------------
-# Building
+    manifest, _ = directory_of(directory).build(settings.hash(), fill)
+    return manifest
 
 
 def _build_into(root: Path, anchor_dir: Path, settings: FactsSettings) -> dict:
@@ -327,7 +241,8 @@ def train_specialist(
                 order += rng.sample(range(len(statements)), len(statements))
             batch.append(_line([statements[i] for i in order[:count]]))
             del order[:count]
-        ids, mask, labels = (t.to(device) for t in _pad(batch, tokenizer.pad_token_id))
+        padded = {k: t.to(device) for k, t in pad_rows(batch, tokenizer.pad_token_id).items()}
+        ids, mask, labels = padded["input_ids"], padded["attention_mask"], padded["labels"]
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         targets = labels[:, 1:]
         where = targets != IGNORE_INDEX
@@ -364,54 +279,11 @@ def _line(statements) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def _pad(rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad (ids, labels) rows."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (row, row_labels) in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-        labels[i, : len(row)] = torch.tensor(row_labels)
-    return ids, mask, labels
-
-
 # ---------------------------------------------------------------------------------------------
 # Directories
 
 
 def _save(model, tokenizer, directory: Path) -> None:
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with no_progress_bars():
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _check_replaceable(directory: Path) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise OutputDirError(f"real-facts output '{directory}' is a file: give a directory path")
-    if directory.is_dir():
-        foreign = sorted(p.name for p in directory.iterdir() if p.name not in _OUR_ENTRIES)
-        if foreign:
-            raise OutputDirError(
-                f"real-facts output '{directory}' holds other files ({', '.join(foreign[:3])}): "
-                "give an empty or new directory"
-            )
-
-
-@contextlib.contextmanager
-def _torch_threads(num_threads: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

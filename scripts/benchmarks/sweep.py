@@ -13,25 +13,24 @@ connections sweep ``--sweep-seq`` tokens. For each point it measures, interleave
   calm_step_full_logits  the same step computing every logit
 
 and the peak memory of the two steps (child processes on the CPU). Writes ``--sweep-out`` (JSON),
-prints a Markdown table and draws ``--plot`` (PNG; needs matplotlib: pip install 'comm-cli[bench]').
+prints a Markdown table and draws ``--plot`` (plot.py; needs matplotlib: pip install 'comm-cli[bench]').
 """
 
 from __future__ import annotations
 
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
-from bench import build_case, case_overrides, peak_memory, time_interleaved
+
+from benchmarks.prompt_case import measure_steps
+from benchmarks.report import device_name, write_json
 
 
-def _points(args) -> list[tuple[str, int, list[str]]]:
+def _points(args) -> list[tuple[str, int, dict]]:
     common = dict(batch=args.sweep_batch, vocab=args.sweep_vocab, prompt_fraction=args.case_prompt_fraction)
-    points = [("seq", seq, case_overrides(seq=seq, **common)) for seq in _ints(args.sweep_seqs)]
+    points = [("seq", seq, dict(seq=seq, **common)) for seq in _ints(args.sweep_seqs)]
     points += [
-        ("connections", n, case_overrides(seq=args.sweep_seq, connections=n, **common))
+        ("connections", n, dict(seq=args.sweep_seq, connections=n, **common))
         for n in _ints(args.sweep_connections)
     ]
     return points
@@ -41,15 +40,8 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def measure_point(args, device, overrides: list[str]) -> dict:
-    case, variants = build_case(args, overrides, device)
-    steps = {
-        "lower_bound": variants.lower_bound,
-        "calm_step": variants.calm_step,
-        "calm_step_full_logits": variants.calm_step_full_logits,
-    }
-    times = time_interleaved(steps, device, 1, args.sweep_repeats)
-    memory = peak_memory(variants, ["calm_step", "calm_step_full_logits"], overrides)
+def measure_point(args, device, values: dict) -> dict:
+    case, variants, times, memory = measure_steps(args, device, values, 1, args.sweep_repeats)
     return {
         "seq": case.seq,
         "batch": case.batch,
@@ -66,9 +58,9 @@ def measure_point(args, device, overrides: list[str]) -> dict:
 
 def run_sweep(args, device) -> dict:
     rows = []
-    for axis, value, overrides in _points(args):
+    for axis, value, values in _points(args):
         started = time.perf_counter()
-        row = {"axis": axis, "value": value, **measure_point(args, device, overrides)}
+        row = {"axis": axis, "value": value, **measure_point(args, device, values)}
         rows.append(row)
         ms = {name: round(seconds * 1000) for name, seconds in row["seconds"].items()}
         print(
@@ -80,19 +72,16 @@ def run_sweep(args, device) -> dict:
         "rows": rows,
         "vocab": args.sweep_vocab,
         "prompt_fraction": args.case_prompt_fraction,
-        "device": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "repeats": args.sweep_repeats,
         "torch": torch.__version__,
     }
-    out = Path(args.sweep_out).resolve()
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(result, args.sweep_out)
     print(markdown_table(rows))
     print(f"wrote {out}")
     try:
-        from bench_plot import plot_sweep
+        from benchmarks.plot import plot_sweep
     except ImportError as err:  # matplotlib is an optional extra
         print(f"no plot ({err}): pip install 'comm-cli[bench]'")
     else:

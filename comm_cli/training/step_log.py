@@ -1,0 +1,60 @@
+"""What the training loop reports after each optimizer step.
+
+A progress bar (``trainer.progress_bar``, main process of each node) or, without one, a log line
+every ``trainer.log_every`` steps; and at those steps the window's numbers to the trackers: mean
+token loss since the last report, learning rate, tokens per second, fractional epoch and, when
+gradients are clipped, their norm.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+logger = logging.getLogger(__name__)
+
+
+class StepLog:
+    def __init__(self, accelerator, total_steps: int, first_step: int, log_every: int, progress_bar: bool):
+        self.accelerator, self.total_steps, self.log_every = accelerator, total_steps, log_every
+        self.progress = None
+        if progress_bar and accelerator.is_local_main_process and first_step < total_steps:
+            from tqdm.auto import tqdm
+
+            self.progress = tqdm(total=total_steps, initial=first_step, desc="train", dynamic_ncols=True)
+        self._start_window()
+
+    def _start_window(self) -> None:
+        self.window_loss, self.window_tokens, self.window_start = 0.0, 0, time.perf_counter()
+
+    def step(
+        self, step: int, loss: float, tokens: int, lr: float, epoch: float, grad_norm=None
+    ) -> dict | None:
+        """Count step ``step`` (mean token loss ``loss`` over ``tokens`` tokens); returns the
+        metrics when this step reports them."""
+        self.window_loss += loss * tokens
+        self.window_tokens += tokens
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{loss:.4f}")
+        if step % self.log_every != 0 and step != self.total_steps:
+            return None
+        elapsed = time.perf_counter() - self.window_start
+        metrics = {
+            "train/loss": self.window_loss / max(self.window_tokens, 1),
+            "train/lr": lr,
+            "train/tokens_per_s": self.window_tokens / max(elapsed, 1e-9),
+            "train/epoch": epoch,
+        }
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        self.accelerator.log(metrics, step=step)
+        if self.progress is None:
+            logger.info("step %d/%d loss %.4f", step, self.total_steps, metrics["train/loss"])
+        self._start_window()
+        return metrics
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
