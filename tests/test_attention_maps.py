@@ -82,6 +82,42 @@ def test_the_drawn_attention_is_the_bridges_own(composed):
             assert float(weights.triu(1).abs().max()) == 0.0
 
 
+def test_an_augment_with_its_own_tokenizer_is_drawn_over_its_own_tokens(composed, tmp_path):
+    """A byte-level BPE augment beside the anchor's character tokenizer: the keys are the BPE
+    tokens (fewer than the anchor's characters), and every query that can see one reads a
+    distribution over them."""
+    from transformers import AutoModelForCausalLM
+
+    from comm_cli.compose import BridgeConfig, MappingSpec
+    from comm_cli.schema import DataSchema, EvalTask
+    from comm_cli.training.models import load_tokenizer
+    from tests import tokenizer_zoo as zoo
+    from tests.conftest import tiny_model
+
+    ws, _, _ = composed
+    bpe = zoo.gpt2_bpe()
+    augment = tiny_model("qwen2", seed=4, width=32, layers=2, vocab=len(bpe))
+    anchor = AutoModelForCausalLM.from_pretrained(ws["anchor"], dtype=torch.float32)
+    config = BridgeConfig(num_heads=4, zero_init_output=False)
+    model = ComposedModel.from_models(anchor, augment, MappingSpec(every=2), config)
+    tokenizer = load_tokenizer(str(ws["anchor"]))
+    model.use_tokenizers(tokenizer, [bpe])
+    assert model.aligned
+    task = EvalTask(data=DataSchema(data_files=str(ws["data"]), format="prompt_completion"), metrics=["loss"])
+    under_test = SimpleNamespace(model=model, read_plan=model.read_plan(), device=torch.device("cpu"))
+    drawn = bridge_attention(
+        under_test, tokenizer, SimpleNamespace(seed=0, attention_map_examples=2), "qa", task
+    )
+    for bridge in drawn["bridges"]:
+        for example in bridge["examples"]:
+            weights = example["weights"]
+            assert weights.shape == (4, len(example["queries"]), len(example["keys"]))
+            assert 0 < len(example["keys"]) < len(example["queries"])  # BPE merges characters
+            sums = weights.sum(-1)
+            assert bool(((sums - 1).abs() < 1e-5).logical_or(sums == 0).all())
+            assert bool((sums[:, -1] > 0.99).all())  # the last anchor token sees the whole text
+
+
 def _error(capsys, args) -> str:
     assert run_in_process(eval_main, "comm-eval", args) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

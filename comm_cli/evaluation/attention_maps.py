@@ -83,6 +83,8 @@ def bridge_attention(model, tokenizer, cfg, name: str, task) -> dict:
         weights = bridge.attention_weights(
             call["anchor_states"], call["keys"], call["positions"], call["attn_mask"], call["is_causal"]
         ).float()
+        if call["query_valid"] is not None:  # a query with no key yet reads nothing (forward zeroes it)
+            weights = weights * call["query_valid"][:, None, :, None].to(weights)
         own = augment_inputs[augment]
         key_ids = anchor_ids if own is None else own["input_ids"].cpu()
         key_mask = anchor_mask if own is None else own["attention_mask"].cpu().bool()
