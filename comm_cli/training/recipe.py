@@ -437,7 +437,7 @@ class TrainRecipe:
 
     def _warn_on_plateau(self, step: int) -> None:
         message = self.plateau.check(step)
-        if message is not None:
+        if message is not None and self.accelerator.is_main_process:  # each rank measured its own batch
             logger.warning("%s", message)
 
     def _write_summary(self, metrics: dict) -> None:
