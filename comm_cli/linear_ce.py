@@ -17,7 +17,7 @@ Backends (``COMM_LINEAR_CE`` or the ``backend`` argument):
 
 Liger comes first because it computes exact float32 gradients; Cut Cross-Entropy by default
 skips gradient entries below a threshold. Neither has been measured against the torch backend
-yet (no GPU was available when this was written): see the README's Performance section.
+yet (no GPU was available when this was written): see docs/performance.md, "Logits only where the loss is".
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ class TrainerConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | no | bf16 | fp16
     log_every: int = 10
-    eval_every: int | None = None  # None: only at the end
+    eval_every: int | None = None  # None: after every epoch and at the end
     eval_batches: int | None = None  # None: the whole validation split
     save_every: int | None = None  # None: only the final save
     keep_last: int = 2
@@ -396,9 +396,17 @@ TRAIN_RULES: tuple[Rule, ...] = (
     ("trainer.max_grad_norm", _optional(_positive), "a positive norm, or null for no clipping"),
     ("trainer.mixed_precision", _one_of("auto", "no", "bf16", "fp16"), "one of auto, no, bf16, fp16"),
     ("trainer.log_every", _at_least(1), "a positive number of steps"),
-    ("trainer.eval_every", _optional(_at_least(1)), "a positive number of steps, or null for the end only"),
+    (
+        "trainer.eval_every",
+        _optional(_at_least(1)),
+        "a positive number of steps, or null for after every epoch",
+    ),
     ("trainer.eval_batches", _optional(_at_least(1)), "a positive number of batches, or null for all"),
-    ("trainer.save_every", _optional(_at_least(1)), "a positive number of steps, or null for the end only"),
+    (
+        "trainer.save_every",
+        _optional(_at_least(1)),
+        "a positive number of steps, or null for after every epoch",
+    ),
     ("trainer.keep_last", _at_least(0), "how many checkpoints to keep (0 keeps all)"),
     ("trainer.num_workers", _at_least(0), "0 or more data-loading processes"),
     ("trainer.num_threads", _optional(_at_least(1)), "a positive number of CPU threads, or null"),

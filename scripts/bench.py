@@ -1,4 +1,4 @@
-"""Benchmark comm's composition against its cost lower bound (DESIGN.md section 3).
+"""Benchmark comm's composition against its cost lower bound (docs/performance.md, "The cost model").
 
 Builds random models locally (default: a Llama-style anchor of width 512, 8 layers, vocab 32000
 and a Qwen2-style augment of width 256, 8 layers) and measures in ONE process, interleaved and

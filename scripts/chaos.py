@@ -1,7 +1,7 @@
 """Chaos test for comm-train: kill a run with SIGKILL at random moments, resume, and check that
 the result equals an uninterrupted run.
 
-    python scripts/chaos.py                      # 20 cycles (the README figure)
+    python scripts/chaos.py                      # 20 cycles (the figure in docs/design.md)
     python scripts/chaos.py --cycles 3 --seed 1  # what the test suite runs
 
 1. An uninterrupted run of a tiny composition (the test workspace: Llama-style anchor, GPT-NeoX

@@ -330,7 +330,7 @@ def case_command(case: Case, args, result: Path, anchor: dict) -> list[str] | di
             command += ["--pairs", args.real_facts_pairs]
         if args.dry:
             command += ["--device", "cpu", "--scale", "0.01", "--max-eval", "4", "--no-filter-cities"]
-        else:  # as the README's H200 learning-rate table (bfloat16 bases)
+        else:  # as the H200 learning-rate table of docs/experiments/real_facts.md (bfloat16 bases)
             command += ["--device", "cuda", "--dtype", "bfloat16"]
         return command
     raise ValueError(case.name)

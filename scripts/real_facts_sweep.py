@@ -71,7 +71,7 @@ class Setting:
     norm: bool = True
     mix: dict = field(default_factory=lambda: dict(MIX))
     batch_size: int = 16
-    specialist_seed: int = 1  # the specialist's training seed (README: it decides readability)
+    specialist_seed: int = 1  # the specialist's training seed (docs/experiments/real_facts.md: once thought to decide readability)
 
 
 WORLDS = {
@@ -79,7 +79,7 @@ WORLDS = {
     "W2": WorldSize(1000, 0.6, 400),
     "W3": WorldSize(2000, 0.7, 800),
 }
-# In the order they were run; README "A real pretrained anchor" has the numbers.
+# In the order they were run; docs/experiments/real_facts.md has the numbers.
 SETTINGS = [
     Setting("W1_top_150", "W1", steps=150),
     Setting("W1_top_1500", "W1"),
@@ -185,7 +185,7 @@ class Sweep:
 
     def train_specialist(self, world, steps, seed: int):
         """The demo's recipe (specialists.train_specialist) on this sweep's device with the given
-        training seed (the README's first sweep ran seed 1; the demo's build derives its own)."""
+        training seed (docs/experiments/real_facts.md's first sweep ran seed 1; the demo's build derives its own)."""
         settings = FactsSettings(specialist=FactsSpecialistSettings(steps=steps))
         model = copy.deepcopy(self.generic).to(self.device)
         model, info = train_specialist(model, self.tokenizer, world, settings, device=self.device, seed=seed)

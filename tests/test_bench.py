@@ -1,4 +1,4 @@
-"""The benchmark script runs and reports what the README promises (keys, table, picture).
+"""The benchmark script runs and reports what docs/performance.md promises (keys, table, picture).
 
 Timings are never asserted: the runs use tiny shapes only to check that every reported value is
 there and that the sweep writes its record and its picture.

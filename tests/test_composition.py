@@ -242,3 +242,26 @@ def test_anchor_and_augment_of_different_dtypes():
     assert torch.isfinite(out.loss)
     cached = composed.generate(ids[:, :4], max_new_tokens=3, eos_token_id=None)
     assert cached.shape == (2, 7)
+
+
+def test_bridge_heads_default_to_the_anchors_and_are_recorded(tmp_path):
+    """num_heads=None (the general default) takes the anchor's attention heads, as the paper does;
+    the saved config records the number, so loading rebuilds the same bridges."""
+    from comm_cli.compose.saving import read_composition_config
+
+    anchor = tiny_model("llama", width=48, layers=4)
+    augment = tiny_model("gpt2", seed=1, width=32, layers=4)
+    composed = ComposedModel.from_models(anchor, augment, MappingSpec(pairs=[[0, 0]]), BridgeConfig())
+    heads = anchor.config.num_attention_heads
+    assert composed.config.bridge.num_heads == heads and composed.bridges[0].num_heads == heads
+    composed.save_pretrained(tmp_path / "c")
+    assert read_composition_config(tmp_path / "c").bridge.num_heads == heads
+
+
+def test_an_anchor_whose_heads_do_not_divide_its_width_gets_the_nearest_divisor():
+    from types import SimpleNamespace
+
+    from comm_cli.compose.blocks import bridge_heads
+
+    gemma_like = SimpleNamespace(hidden_size=2304, num_attention_heads=7)  # 2304 % 7 != 0
+    assert bridge_heads(None, gemma_like) == 6 and bridge_heads(5, gemma_like) == 5

@@ -184,3 +184,231 @@ def test_comm_lm_eval_command(composed, tmp_path):
     data = json.loads(results.read_text())
     assert data["results"]["comm_test_gen"]["exact_match,none"] >= 0.0
     assert data["config"]["comm_model"] == "anchor"
+
+
+# --- compositions whose augment reads its own tokens -------------------------------------------------
+
+CROSS_PAIRS = [
+    ("6+6=", "12"),
+    ("the quick brown", " fox"),
+    ("", "hello world"),  # lm-eval's empty context: the prefix token (bos) conditions the text
+    ("it's 123 +", " 4567 = we're"),
+    ("hello", " wor"),
+]
+
+
+def save_cross_composition(root, mask_mode: str = "causal"):
+    """A saved Llama anchor (Llama-3-style byte-level BPE) and Qwen2 augment (GPT-2's BPE) with
+    their tokenizers and random non-zero bridges: the augment reads its own tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from comm_cli.compose import BridgeConfig, ComposedModel, MappingSpec
+    from tests import tokenizer_zoo as zoo
+    from tests.conftest import tiny_model
+
+    tokenizers = {"anchor": zoo.build("byte_bpe"), "augment": zoo.build("gpt2_bpe")}
+    shapes = {"anchor": ("llama", 0, 48, 4), "augment": ("qwen2", 1, 32, 3)}
+    for name, (family, seed, width, layers) in shapes.items():
+        if not (root / name).exists():
+            model = tiny_model(family, seed=seed, width=width, layers=layers, vocab=len(tokenizers[name]))
+            model.save_pretrained(root / name)
+            tokenizers[name].save_pretrained(root / name)
+    bases = [AutoModelForCausalLM.from_pretrained(root / name, dtype=torch.float32) for name in shapes]
+    torch.manual_seed(0)
+    bridge = BridgeConfig(num_heads=4, zero_init_output=False)
+    model = ComposedModel.from_models(*bases, MappingSpec(every=1), bridge, mask_mode=mask_mode)
+    model.use_tokenizers(tokenizers["anchor"], [tokenizers["augment"]])
+    return model.save_pretrained(root / f"composition_{mask_mode}")
+
+
+@pytest.fixture(scope="module")
+def cross(tmp_path_factory):
+    root = tmp_path_factory.mktemp("harness_cross")
+    return root, {mode: save_cross_composition(root, mode) for mode in ("causal", "prompt")}
+
+
+def own_logprob(model, context: str, continuation: str) -> tuple[float, bool]:
+    """comm's own log-probability of the continuation (and whether it is the greedy one):
+    ``model(**model.encode([context], [continuation], add_eos=False))``, per-token log-probs summed
+    over the label positions."""
+    return label_logprob(model, model.encode([context], [continuation], add_eos=False))
+
+
+def label_logprob(model, batch) -> tuple[float, bool]:
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(**batch).logits[0, :-1].float(), dim=-1)
+    labels = batch["labels"][0, 1:]
+    scored = labels != -100
+    picked = logprobs[scored].gather(-1, labels[scored][:, None])
+    return float(picked.sum()), bool((logprobs[scored].argmax(-1) == labels[scored]).all())
+
+
+def loglikelihood_requests(pairs):
+    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+
+
+def rolling(lm, text: str) -> float:
+    (total,) = lm.loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True
+    )
+    return total
+
+
+@pytest.mark.parametrize("mask_mode", ["causal", "prompt"])
+def test_cross_tokenizer_loglikelihood_is_comms_own(cross, mask_mode):
+    _, compositions = cross
+    lm = CommLM(checkpoint=str(compositions[mask_mode]), device="cpu", batch_size=3)
+    model = lm.model.model
+    assert model.read_plan() is not None  # the augment reads its own tokens
+    # a continuation that is the composition's greedy next token after a prompt (a prompt is read
+    # complete, as generation reads it, so any completion gives the same logits at its end): is_greedy
+    tokenizer = model.anchor_tokenizer
+    with torch.no_grad():
+        batch = model.encode(["the lazy"], [" dog"], add_eos=False)
+        first = int((batch["labels"][0] != -100).nonzero()[0])
+        best = int(model(**batch).logits[0, first - 1].argmax())
+    greedy_text = tokenizer.decode([best])
+    assert tokenizer(greedy_text, add_special_tokens=False)["input_ids"] == [best]
+    pairs = [*CROSS_PAIRS, ("the lazy", greedy_text)]
+    got = lm.loglikelihood(loglikelihood_requests(pairs), disable_tqdm=True)
+    for (context, continuation), (logprob, greedy) in zip(pairs, got):
+        own, own_greedy = own_logprob(model, context, continuation)
+        assert logprob == pytest.approx(own, abs=1e-4), (context, continuation)
+        assert greedy == own_greedy
+    assert got[-1][1] and not all(greedy for _, greedy in got)
+    # rolling, one window: the text after lm-eval's prefix token (here bos)
+    text = "the quick brown fox jumps over the lazy dog; it's 123"
+    assert rolling(lm, text) == pytest.approx(own_logprob(model, "", text)[0], abs=1e-4)
+    if mask_mode == "causal":  # where it is also comm's own score of the text (model.encode([text]))
+        assert rolling(lm, text) == pytest.approx(
+            label_logprob(model, model.encode([text], add_eos=False))[0], abs=1e-4
+        )
+
+
+def test_cross_tokenizer_requests_longer_than_the_context(cross):
+    """Long documents go in rolling windows that make up the document, each read within
+    max_length; a long context keeps its end."""
+    _, compositions = cross
+    lm = CommLM(checkpoint=str(compositions["causal"]), device="cpu", batch_size=4, max_length=8)
+    text = "the quick brown fox jumps over the lazy dog; hello world, it's 123 + 4567 = we're über"
+    windows = lm._text_windows(text)
+    assert len(windows) > 3 and "".join(piece for _, piece in windows) == text
+    assert windows[0][0] == "" and all(context for context, _ in windows[1:])
+    assert all(len(lm._text_row(context, piece)[0]["input_ids"]) <= 8 for context, piece in windows)
+    scores = lm.loglikelihood(loglikelihood_requests(windows), disable_tqdm=True)
+    assert rolling(lm, text) == pytest.approx(sum(score for score, _ in scores), abs=1e-4)
+    (long,) = lm.loglikelihood(loglikelihood_requests([(text, " fox")]), disable_tqdm=True)
+    kept = lm._keep_tail(text, 8 - 1 - 1)  # one place for bos, one for " fox"
+    assert text.endswith(kept) and 0 < len(kept) < len(text)
+    assert long[0] == pytest.approx(own_logprob(lm.model.model, kept, " fox")[0], abs=1e-4)
+
+
+def test_cross_tokenizer_bridges_off_is_the_anchor_in_lm_evals_own_reading(cross):
+    """With the bridges off the text reading gives what lm-eval's own (TemplateLM, token ids) gives
+    for the anchor alone, on requests both tokenise alike; and the bridges do change the numbers."""
+    root, compositions = cross
+    checkpoint = str(compositions["causal"])
+    on = CommLM(checkpoint=checkpoint, device="cpu", batch_size=2)
+    off = CommLM(checkpoint=checkpoint, device="cpu", batch_size=2, bridges_off="true")
+    anchor = CommLM(model="anchor", anchor=str(root / "anchor"), device="cpu", batch_size=2)
+    assert anchor.plan is None and off.plan is not None
+    pairs = [("6+6=", "12"), ("", "hello world"), ("the quick", " brown fox")]
+    requests = loglikelihood_requests(pairs)
+    for (context, _), (a, _), (b, _), (c, _) in zip(
+        pairs,
+        off.loglikelihood(requests, disable_tqdm=True),
+        anchor.loglikelihood(requests, disable_tqdm=True),
+        on.loglikelihood(requests, disable_tqdm=True),
+    ):
+        assert a == pytest.approx(b, abs=1e-5)
+        # a context is read complete, so the bridges have augment tokens to read when scoring
+        assert abs(a - c) > 1e-3 or not context
+    generation = [
+        Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 5, "do_sample": False}), i)
+        for i, p in enumerate(["6+6=", "hello", "the quick brown"])
+    ]
+    assert off.generate_until(generation, disable_tqdm=True) == anchor.generate_until(
+        generation, disable_tqdm=True
+    )
+
+
+def comm_generate(checkpoint, prompts, max_new_tokens, stop, **options) -> list[str]:
+    """comm-generate's replies, one prompt at a time (the Session it runs on, loaded as it loads it)."""
+    from comm_cli.inference.session import Sampling, load_session
+    from comm_cli.schema import UseConfig
+
+    session = load_session(UseConfig(checkpoint=str(checkpoint), device="cpu", **options))
+    sampling = Sampling(max_new_tokens=max_new_tokens, stop=list(stop))
+    return [session.complete([prompt], sampling)[0].text for prompt in prompts]
+
+
+@pytest.mark.parametrize("mask_mode", ["causal", "prompt"])
+def test_cross_tokenizer_generate_until_is_comm_generate(cross, mask_mode):
+    _, compositions = cross
+    lm = CommLM(checkpoint=str(compositions[mask_mode]), device="cpu", batch_size=3)
+    prompts = ["6+6=", "the quick brown", "hello world, it's", "über", "the lazy dog jumps over"]
+    settings = [
+        {"until": ["\n", "."], "max_gen_toks": 8, "do_sample": False},
+        {"until": "o", "max_gen_toks": 5},
+    ]
+    requests = [
+        Instance("generate_until", {}, (prompt, settings[i % 2]), i) for i, prompt in enumerate(prompts)
+    ]
+    got = lm.generate_until(requests, disable_tqdm=True)
+    for i, (prompt, text) in enumerate(zip(prompts, got)):
+        until = settings[i % 2]["until"]
+        (expected,) = comm_generate(
+            compositions[mask_mode],
+            [prompt],
+            settings[i % 2]["max_gen_toks"],
+            [until] if isinstance(until, str) else until,
+        )
+        assert text == expected, prompt
+    assert any(got) and all("o" not in text for text in got[1::2])
+
+
+def test_comm_lm_eval_on_a_cross_tokenizer_pair(cross, tmp_path):
+    """`comm-lm-eval` (lm-eval's command line with comm registered, argv patched) runs a
+    multiple-choice and a generation task on a composition whose augment has its own tokenizer:
+    its results JSON names the composition, and the logged samples are comm's own numbers."""
+    from comm_cli.evaluation.harness_cli import main as lm_eval_main
+
+    _, compositions = cross
+    checkpoint = compositions["causal"]
+    args = [
+        "--model", "comm",
+        "--model_args", f"checkpoint={checkpoint}",
+        "--batch_size", "4",
+        "--device", "cpu",
+        "--tasks", "comm_test_text_mc,comm_test_text_gen",
+        "--include_path", str(TASKS),
+        "--output_path", str(tmp_path / "out"),
+        "--log_samples",
+    ]  # fmt: skip
+    assert run_in_process(lm_eval_main, "comm-lm-eval", args) == 0
+    (results,) = list((tmp_path / "out").rglob("results_*.json"))
+    data = json.loads(results.read_text())
+    assert data["config"]["comm_model"] == "calm" and data["config"]["comm_checkpoint"] == str(checkpoint)
+    assert data["versions"] == {"comm_test_text_mc": 1.0, "comm_test_text_gen": 1.0}
+    assert data["n-samples"]["comm_test_text_mc"]["effective"] == 6
+
+    from comm_cli.compose import ComposedModel
+
+    model = ComposedModel.from_pretrained(checkpoint).eval()
+    rows = [json.loads(line) for line in (TASKS / "text.jsonl").read_text().splitlines()]
+
+    def samples(task):
+        (path,) = list((tmp_path / "out").rglob(f"samples_{task}_*.jsonl"))
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        return sorted(lines, key=lambda s: s["doc_id"])
+
+    correct = []
+    for row, sample in zip(rows, samples("comm_test_text_mc")):
+        scores = [float(resp[0][0]) for resp in sample["resps"]]
+        own = [own_logprob(model, row["question"], " " + choice)[0] for choice in row["choices"]]
+        assert scores == pytest.approx(own, abs=1e-4)
+        correct.append(max(range(len(own)), key=own.__getitem__) == row["answer"])
+    assert data["results"]["comm_test_text_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
+    generated = [sample["resps"][0][0] for sample in samples("comm_test_text_gen")]
+    assert generated == comm_generate(checkpoint, [row["question"] for row in rows], 8, ["\n", "."])
+    assert 0.0 <= data["results"]["comm_test_text_gen"]["exact_match,none"] <= 1.0

@@ -147,7 +147,7 @@ def test_changed_settings_rebuild(copy_of):
 
 
 def test_the_default_causal_hashes_stay_those_of_the_published_tables():
-    """The README's tables and the cached builds are under these hashes: a recipe change for one
+    """The tables of docs/experiments/key_value.md and the cached builds are under these hashes: a recipe change for one
     kind of build must not rebuild the others."""
     assert kv_config.KVSpecialistSettings().hash() == "daf63f2833f78ce9"
     assert kv_config.KVSpecialistSettings(anchor_tokenizer="bpe").hash() == "eaffa2a31c8e15ff"

@@ -17,7 +17,14 @@ from comm_cli.evaluation import metrics as M
 from tests.helpers import REPO, base_args, build_workspace, cli_env
 
 PACKAGE = REPO / "comm_cli"
-CORE = ("comm_cli.compose", "comm_cli.data", "comm_cli.training", "comm_cli.evaluation", "comm_cli.schema")
+CORE = (
+    "comm_cli.compose",
+    "comm_cli.data",
+    "comm_cli.training",
+    "comm_cli.evaluation",
+    "comm_cli.inference",
+    "comm_cli.schema",
+)
 
 # Lowest first. A module may import from its own layer or a lower one. Programs (entry points,
 # demo drivers) sit on top, whatever package they live in, so an experiment's demo can live in
@@ -30,6 +37,7 @@ LAYERS = (
     ("comm_cli.schema",),
     ("comm_cli.training",),
     ("comm_cli.evaluation",),
+    ("comm_cli.inference",),
     ("comm_cli.experiments",),
 )
 PROGRAMS = (

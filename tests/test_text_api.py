@@ -97,7 +97,7 @@ def test_generate_from_text_equals_generate_from_ids(augment_kind):
 
 
 def test_anchor_ids_never_reach_an_augment_that_reads_its_own_tokens():
-    """The README snippet `model(input_ids, attention_mask, labels=...)` on a pair with different
+    """The old README snippet `model(input_ids, attention_mask, labels=...)` on a pair with different
     tokenizers, in both roles: it must stop with one line naming model.encode, never train on
     the wrong tokens."""
     for anchor_kind, augment_kind in (("byte_bpe", "gpt2_bpe"), ("gpt2_bpe", "byte_bpe")):

@@ -113,6 +113,25 @@ def hidden_size(config) -> int:
     raise UnsupportedModelError(f"cannot read the hidden size from {type(config).__name__}")
 
 
+def attention_heads(config) -> int | None:
+    """The model's number of attention (query) heads, when its config names it."""
+    cfg = text_config(config)
+    for name in ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"):
+        if isinstance(getattr(cfg, name, None), int):
+            return int(getattr(cfg, name))
+    return None
+
+
+def bridge_heads(requested: int | None, anchor_config) -> int:
+    """The bridges' head count: ``requested``, or (None) the anchor's own attention heads as in
+    the paper; an anchor whose head count does not divide its width (head_dim set apart, as in
+    Gemma) gets the largest divisor of its width below its head count."""
+    if requested is not None:
+        return requested
+    width, heads = hidden_size(anchor_config), attention_heads(anchor_config) or 1
+    return max(h for h in range(1, heads + 1) if width % h == 0)
+
+
 def _lookup(model: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module] | None:
     parent: nn.Module = model
     parts = path.split(".")

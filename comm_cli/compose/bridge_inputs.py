@@ -5,7 +5,7 @@ it), each bridge turns those states into cross-attention keys/values, and each a
 gets a cross-attention mask and the rotary positions of the anchor queries. The result is an
 ``ActiveBridges``, which the hooks on the connected anchor layers read while the anchor runs.
 
-Two ways to read text (DESIGN.md section 2):
+Two ways to read text (docs/design.md, "Any pair of models"; the rule in docs/alignment.md):
 
 - shared: the augmenting model reads the anchor's token ids, so the masks go by column
   (``masks.cross_attention_mask``); in prompt mode it reads only the prompt columns;

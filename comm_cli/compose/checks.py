@@ -3,7 +3,7 @@ wrong mapping, head count or mask mode fails in one line before anything large l
 
 from __future__ import annotations
 
-from comm_cli.compose.blocks import encoder_in_causal_mode, hidden_size, is_encoder, num_layers
+from comm_cli.compose.blocks import bridge_heads, encoder_in_causal_mode, hidden_size, is_encoder, num_layers
 from comm_cli.compose.loading import load_model_config
 from comm_cli.compose.mapping import augment_connections
 from comm_cli.compose.specs import CompositionConfig
@@ -15,9 +15,10 @@ def check_config(config: CompositionConfig) -> list[list[tuple[int, int]]]:
     Returns the resolved connections of each augment."""
     anchor_config = load_model_config(config.anchor, "anchor model")
     anchor_depth, anchor_dim = num_layers(anchor_config), hidden_size(anchor_config)
-    if anchor_dim % config.bridge.num_heads != 0:
+    heads = bridge_heads(config.bridge.num_heads, anchor_config)
+    if anchor_dim % heads != 0:
         raise ConfigError(
-            f"bridge.num_heads={config.bridge.num_heads} does not divide the anchor width {anchor_dim}: "
+            f"bridge.num_heads={heads} does not divide the anchor width {anchor_dim}: "
             f"pick a divisor of {anchor_dim}"
         )
     resolved = []

@@ -27,6 +27,7 @@ from torch import nn
 
 from comm_cli.compose.alignment import ReadPlan
 from comm_cli.compose.blocks import (
+    bridge_heads,
     cache_kwarg,
     encoder_in_causal_mode,
     find_blocks,
@@ -84,6 +85,8 @@ class ComposedModel(nn.Module):
         self._anchor_layers = list(anchor_blocks.layers)
         anchor_depth = len(anchor_blocks.layers)
         anchor_dim = hidden_size(anchor.config)
+        if config.bridge.num_heads is None:  # recorded, so a saved composition rebuilds the same
+            config.bridge = dataclasses.replace(config.bridge, num_heads=bridge_heads(None, anchor.config))
         self._anchor_cache_kw = cache_kwarg(anchor)
 
         if len(augments) != len(config.augments):
@@ -280,6 +283,16 @@ class ComposedModel(nn.Module):
     def parameter_counts(self) -> dict[str, int]:
         """Trainable (bridge) and frozen (base) parameter counts of what is held in memory."""
         return parameter_counts(self)
+
+    @property
+    def read_augment_layers(self) -> list[list[int]]:
+        """Per augmenting model, the layers whose outputs the bridges read, lowest first."""
+        return [list(layers) for layers in self._capture_layers]
+
+    @property
+    def augment_widths(self) -> list[int]:
+        """Per augmenting model, the width of its residual stream (what the bridges read)."""
+        return [hidden_size(config) for config in self._augment_configs]
 
     @property
     def connected_anchor_layers(self) -> list[int]:

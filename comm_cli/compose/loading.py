@@ -166,17 +166,24 @@ def load_causal_lm(spec: ModelSpec, what: str = "model", device: str | torch.dev
     from transformers import AutoModelForCausalLM
 
     check_gguf(spec, what)
+    model = _from_pretrained(AutoModelForCausalLM, spec, what, device, **_gguf_model_kwargs(spec))
+    _forget_gguf_origin(model)
+    return model
+
+
+def _from_pretrained(cls, spec: ModelSpec, what: str, device, **kwargs):
+    """``cls.from_pretrained`` with the spec's revision, dtype and remote-code choice, its load
+    errors explained in one line, on ``device`` and in eval mode."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = cls.from_pretrained(
             spec.name_or_path,
             revision=spec.revision,
             dtype=torch_dtype(spec.dtype),
             trust_remote_code=spec.trust_remote_code,
-            **_gguf_model_kwargs(spec),
+            **kwargs,
         )
     except (OSError, ValueError, KeyError) as err:
         raise _explain(spec, what, err) from err
-    _forget_gguf_origin(model)
     if device is not None:
         model.to(device)
     return model.eval()
@@ -197,19 +204,7 @@ def load_augment_model(
     encoder_classes = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
     cls = getattr(transformers, encoder_classes.get(config.model_type, "AutoModel"))
     kwargs = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta") else {}
-    try:
-        model = cls.from_pretrained(
-            spec.name_or_path,
-            revision=spec.revision,
-            dtype=torch_dtype(spec.dtype),
-            trust_remote_code=spec.trust_remote_code,
-            **kwargs,
-        )
-    except (OSError, ValueError, KeyError) as err:
-        raise _explain(spec, what, err) from err
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    return _from_pretrained(cls, spec, what, device, **kwargs)
 
 
 _GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")

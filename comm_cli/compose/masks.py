@@ -56,6 +56,12 @@ def cross_attention_mask(
         allowed = key_valid[:, None, :].expand(batch, num_queries, num_keys)
     else:
         raise ValueError(f"unknown mask mode {mode!r}")
+    return _with_empty_rows_filled(allowed)
+
+
+def _with_empty_rows_filled(allowed: torch.Tensor) -> CrossAttentionMask:
+    """The mask of ``allowed`` [batch, queries, keys]; a query with no key to read is let read
+    every key (keeps softmax finite) and marked in ``query_valid`` so its output is zeroed."""
     has_key = allowed.any(dim=-1)
     if bool(has_key.all()):
         return CrossAttentionMask(allowed[:, None], False, None)
@@ -90,8 +96,4 @@ def aligned_mask(
         allowed = key_valid[:, None, :].expand(key_valid.shape[0], num_queries, key_valid.shape[1])
     else:
         raise ValueError(f"unknown mask mode {mode!r}")
-    has_key = allowed.any(dim=-1)
-    if bool(has_key.all()):
-        return CrossAttentionMask(allowed[:, None], False, None)
-    allowed = allowed | ~has_key[..., None]
-    return CrossAttentionMask(allowed[:, None], False, has_key)
+    return _with_empty_rows_filled(allowed)

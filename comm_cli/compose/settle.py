@@ -7,7 +7,7 @@ tokenizes to the same tokens up to it) once each stage is settled for it:
    first; the text between them is normalized and pre-tokenized piece by piece. A text that ends
    in ``"<s"`` may still become ``"<s>"``, which would end the piece before it and change its
    last pre-token, so nothing that depends on characters from where such a match could start is
-   final until the text rules the match in or out (``_pending``).
+   final until the text rules the match in or out (``settle_stages.pending_matches``).
 2. **The normalizer** may compose (NFC joins ``e`` and a later U+0301), reorder, expand or delete
    characters (BertNormalizer drops control characters and, stripping accents, combining
    marks). A prefix's normalized text is only known up to a point no later character can change
@@ -46,10 +46,17 @@ tokenizer (``comm_cli.compose.alignment.check_final_tokens``).
 from __future__ import annotations
 
 import bisect
-import functools
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from comm_cli.compose.settle_stages import (
+    AddedTokens,
+    Normalization,
+    describe,
+    normalization_of,
+    pending_matches,
+)
 
 # Split regexes whose pre-tokens the rules above are argued for, as tokenizer.json spells them.
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -75,8 +82,6 @@ KNOWN_REGEXES = {
 _UPPER_RUN = frozenset(("Lu", "Lt", "Lm", "Lo", "Mn", "Mc", "Me"))
 # Characters after a pre-token's start that decide which regex alternative matched it ('re, 'll).
 SETTLE_MARGIN = 3
-_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
-_CHARWISE_NORMALIZERS = ("Lowercase", "StripAccents", "ByteLevel", "Nmt", "Prepend")
 _PROVEN_SPLITTERS = (
     "BertPreTokenizer",
     "Whitespace",
@@ -88,214 +93,6 @@ _PROVEN_SPLITTERS = (
 
 class Unsupported(Exception):
     """The tokenizer cannot be given any rule (raised by ``settle_rule``; the reader words the error)."""
-
-
-# ---------------------------------------------------------------------- normalization
-
-
-@functools.cache
-def _composition_pairs() -> tuple[frozenset[str], frozenset[str]]:
-    """Characters that can start (first) or continue (second) a canonical composition, from the
-    decompositions of Python's Unicode tables plus Hangul's algorithmic ones."""
-    firsts, seconds = set(), set()
-    for code in range(0x30000):  # no canonical pair decomposes above U+2FFFF
-        parts = unicodedata.decomposition(chr(code)).split()
-        if len(parts) == 2 and not parts[0].startswith("<"):
-            firsts.add(chr(int(parts[0], 16)))
-            seconds.add(chr(int(parts[1], 16)))
-    firsts.update(chr(c) for c in range(0x1100, 0x1113))  # leading jamo
-    firsts.update(chr(c) for c in range(0xAC00, 0xD7A4, 28))  # LV syllables take a trailing jamo
-    seconds.update(chr(c) for c in range(0x1161, 0x1176))  # vowel jamo
-    seconds.update(chr(c) for c in range(0x11A8, 0x11C3))  # trailing jamo
-    return frozenset(firsts), frozenset(seconds)
-
-
-class Normalization:
-    """What a normalizer does to the stability of a prefix's normalized text, one character at a
-    time. ``closed_after(c)``: nothing after ``c`` can change what the text up to and including
-    ``c`` normalizes to. ``boundary_before(c)``: nothing from ``c`` on can change what the text
-    before ``c`` normalizes to. Char-wise normalizers make both always true; the Unicode forms
-    (applied after the char-wise members ``before``) decide by composition and reordering."""
-
-    def __init__(self, image=None, form: str | None = None, before=None):
-        self._image, self.form, self._before = image, form, before
-        self._cache: dict[str, tuple[str, bool, bool]] = {}
-        self.changes_text = image is not None  # False: every character is its own image
-
-    def _facts(self, c: str) -> tuple[str, bool, bool]:
-        facts = self._cache.get(c)
-        if facts is None:
-            image = self._image.normalize_str(c) if self._image is not None else c
-            facts = (image, *self._stability(c))
-            self._cache[c] = facts
-        return facts
-
-    def _stability(self, c: str) -> tuple[bool, bool]:
-        if self.form is None:
-            return True, True
-        seen = self._before.normalize_str(c) if self._before is not None else c
-        if not seen or any(unicodedata.category(x) == "Cn" for x in seen):
-            return False, False  # deleted first, or unknown to Python's tables: assume the worst
-        firsts, seconds = _composition_pairs()
-        decompose = "NFKD" if self.form.startswith("NFK") else "NFD"
-        head = unicodedata.normalize(decompose, seen)[0]
-        tail = unicodedata.normalize(self.form, seen)[-1]
-        composes = self.form in ("NFC", "NFKC")
-        boundary = unicodedata.combining(head) == 0 and not (composes and head in seconds)
-        closed = unicodedata.combining(tail) == 0 and not (composes and (tail in firsts or tail in seconds))
-        return closed, boundary
-
-    def image(self, c: str) -> str:
-        """What ``c`` normalizes to on its own."""
-        return self._facts(c)[0]
-
-    def closed_after(self, c: str) -> bool:
-        return self._facts(c)[1]
-
-    def boundary_before(self, c: str) -> bool:
-        return self._facts(c)[2]
-
-
-def _normalizer_member(member: dict, unproven: list[str]) -> tuple[str, object | None]:
-    """("charwise" | a Unicode form, the member's char-wise part for a BertNormalizer)."""
-    kind = member.get("type")
-    if kind in _FORMS:
-        return kind, None
-    if kind == "BertNormalizer":
-        strip = member.get("strip_accents")
-        if strip is None:
-            strip = member.get("lowercase", True)
-        if not strip:
-            return "charwise", None
-        from tokenizers import normalizers
-
-        charwise = normalizers.BertNormalizer(
-            clean_text=member.get("clean_text", True),
-            handle_chinese_chars=member.get("handle_chinese_chars", True),
-            strip_accents=False,
-            lowercase=False,
-        )
-        return "NFD", charwise
-    if kind in _CHARWISE_NORMALIZERS:
-        return "charwise", None
-    if kind == "Replace" and len((member.get("pattern") or {}).get("String") or "") == 1:
-        return "charwise", None
-    unproven.append(f"the normalizer {_describe(member)}")
-    return "NFKC", None  # the strictest predicates; the rule is checked on the text
-
-
-def _normalization(normalizer_json: dict | None, normalizer, unproven: list[str]) -> Normalization:
-    if normalizer_json is None:
-        return Normalization()
-    members = normalizer_json.get("normalizers") if normalizer_json.get("type") == "Sequence" else None
-    objects = [normalizer[i] for i in range(len(members))] if members is not None else [normalizer]
-    members = members if members is not None else [normalizer_json]
-    kinds = [_normalizer_member(m, unproven) for m in members]
-    # image(): without Prepend, which would prefix every lone character
-    from tokenizers import normalizers
-
-    kept = [o for m, o in zip(members, objects) if m.get("type") != "Prepend"]
-    image = normalizers.Sequence(kept) if kept else None
-    forms = [i for i, (kind, _) in enumerate(kinds) if kind != "charwise"]
-    if not forms:
-        return Normalization(image)
-    if len(forms) > 1:
-        unproven.append(f"the normalizer {_describe(normalizer_json)} (several Unicode normalizations)")
-        return Normalization(image, "NFKC")
-    index = forms[0]
-    form, charwise_part = kinds[index]
-    before = [o for m, o in zip(members[:index], objects[:index]) if m.get("type") != "Prepend"]
-    if charwise_part is not None:
-        before.append(charwise_part)
-    return Normalization(image, form, normalizers.Sequence(before) if before else None)
-
-
-# ---------------------------------------------------------------------- added tokens
-
-
-@dataclass
-class _Node:
-    children: dict[str, _Node] = field(default_factory=dict)
-    rstrip: bool = False  # a token ending here swallows the whitespace after it
-    single_word: bool = False  # a token ending here needs the next character to match
-    terminal: bool = False
-
-
-@dataclass
-class AddedTokens:
-    """The added tokens ``encode`` splits out first, as a trie over their text."""
-
-    root: _Node
-    ids: frozenset[int]
-    contents: dict[int, str]
-    lstrip: bool  # some token swallows the whitespace before it
-
-    @classmethod
-    def of(cls, decoder: dict, normalized_matters: bool, unproven: list[str]) -> AddedTokens:
-        root, ids, contents, lstrip, normalized = _Node(), set(), {}, False, []
-        for token_id, token in decoder.items():
-            content = token.content
-            if not content:
-                continue
-            ids.add(int(token_id))
-            contents[int(token_id)] = content
-            node = root
-            for char in content:
-                node = node.children.setdefault(char, _Node())
-            node.terminal = True
-            node.rstrip |= bool(token.rstrip)
-            node.single_word |= bool(token.single_word)
-            lstrip |= bool(token.lstrip)
-            if token.normalized and normalized_matters:
-                normalized.append(content)
-        if normalized:
-            unproven.append(f"added tokens matched after normalization ({', '.join(normalized[:3])})")
-        return cls(root, frozenset(ids), contents, lstrip)
-
-    def is_match(self, token_id: int, text: str) -> bool:
-        content = self.contents.get(token_id)
-        return content is not None and text.strip() == content.strip()
-
-
-def _pending(added: AddedTokens, text: str, never: int) -> tuple[list[int], list[int]]:
-    """Where an added token could still start, and until when: (starts, last pending lengths),
-    sorted by start. At text length L, a match starting at q is pending while ``text[q:L]`` is a
-    proper prefix of an added token (or a complete one that could still swallow whitespace or
-    needs the next character); ``never`` when the text ends before it is decided."""
-    starts, lasts = [], []
-    n = len(text)
-    for q in range(n):
-        node = added.root.children.get(text[q])
-        if node is None:
-            continue
-        last, depth = None, 1
-        while True:
-            end = q + depth
-            if node.children:
-                last = end
-            if node.terminal and (node.rstrip or node.single_word):
-                k = end
-                while node.rstrip and k < n and text[k].isspace():
-                    k += 1
-                last = never if k >= n else max(last or 0, k)
-            if end >= n:
-                if node.children:
-                    last = never
-                break
-            following = node.children.get(text[end])
-            if following is None:
-                break
-            node, depth = following, depth + 1
-        if last is None:
-            continue
-        start = q
-        if added.lstrip:
-            while start > 0 and text[start - 1].isspace():
-                start -= 1
-        starts.append(start)
-        lasts.append(last)
-    order = sorted(range(len(starts)), key=starts.__getitem__)
-    return [starts[i] for i in order], [lasts[i] for i in order]
 
 
 # ---------------------------------------------------------------------- the rule
@@ -324,25 +121,6 @@ class SettleRule:
     @property
     def proven(self) -> bool:
         return not self.unproven
-
-
-def _describe(component: dict | None) -> str:
-    if component is None:
-        return "none"
-    kind = component.get("type", "?")
-    if kind == "Sequence":
-        members = component.get("pretokenizers") or component.get("normalizers") or []
-        return "Sequence[" + ", ".join(_describe(m) for m in members) + "]"
-    if kind == "Split":
-        pattern = component.get("pattern") or {}
-        text = pattern.get("Regex", pattern.get("String", ""))
-        shown = text if len(text) <= 40 else text[:37] + "..."
-        return f"Split({shown!r})"
-    if kind == "Metaspace":
-        return f"Metaspace(split={component.get('split', True)})"
-    if kind == "ByteLevel":
-        return f"ByteLevel(use_regex={component.get('use_regex', True)})"
-    return kind
 
 
 def _splitters(pre_json: dict | None) -> list[dict]:
@@ -382,7 +160,7 @@ def _splitter_facts(member: dict, unproven: list[str]) -> tuple[bool, bool, bool
         return False, False, False
     elif kind in _PROVEN_SPLITTERS or kind == "Metaspace":
         return False, False, False
-    unproven.append(f"the pre-tokenizer {_describe(member)}")
+    unproven.append(f"the pre-tokenizer {describe(member)}")
     return True, True, True
 
 
@@ -401,7 +179,7 @@ def settle_rule(backend, backend_json: dict) -> SettleRule:
     ``Unsupported`` with what it does when none can be given."""
     unproven: list[str] = []
     normalizer_json = backend_json.get("normalizer")
-    normalization = _normalization(normalizer_json, backend.normalizer, unproven)
+    normalization = normalization_of(normalizer_json, backend.normalizer, unproven)
     added = AddedTokens.of(backend.get_added_tokens_decoder(), normalizer_json is not None, unproven)
     model = backend_json.get("model") or {}
     model_type = model.get("type")
@@ -410,13 +188,13 @@ def settle_rule(backend, backend_json: dict) -> SettleRule:
     pre_json = backend_json.get("pre_tokenizer")
     splitters = _splitters(pre_json)
     components = (
-        f"normalizer {_describe(normalizer_json)}, pre-tokenizer {_describe(pre_json)}, model {model_type}"
+        f"normalizer {describe(normalizer_json)}, pre-tokenizer {describe(pre_json)}, model {model_type}"
     )
     rule = dict(normalization=normalization, added=added, unproven=unproven, components=components)
     if splitters:
         facts = [_splitter_facts(member, unproven) for member in splitters]
         if len(splitters) > 1:
-            unproven.append(f"several splitting pre-tokenizers in a row ({_describe(pre_json)})")
+            unproven.append(f"several splitting pre-tokenizers in a row ({describe(pre_json)})")
         return SettleRule(
             "pre_tokens",
             regex=any(f[0] for f in facts),
@@ -440,7 +218,7 @@ def settle_rule(backend, backend_json: dict) -> SettleRule:
         if model_type in ("BPE", "Unigram")
         else "model reads each pre-token whole"
     )
-    raise Unsupported(f"{whole} ({_describe(pre_json)}) and its {model_type} {model_reads}")
+    raise Unsupported(f"{whole} ({describe(pre_json)}) and its {model_type} {model_reads}")
 
 
 def _members(pre_json: dict | None) -> list[dict]:
@@ -502,7 +280,7 @@ def settle_points(rule: SettleRule, text: str, encoding, final: bool) -> list[in
         if x >= n:
             return end_of_text
         if x in added_spans:
-            return x + 1  # an added token starts here; _pending covers the rest
+            return x + 1  # an added token starts here; pending_matches covers the rest
         return ready(x + 1)
 
     def next_char(i: int, skip_spaces: bool = False) -> int:
@@ -556,7 +334,7 @@ def settle_points(rule: SettleRule, text: str, encoding, final: bool) -> list[in
                 cache[span] = unit_need(*span)
             base.append(cache[span])
 
-    pending_starts, pending_lasts = _pending(rule.added, text, never) if rule.added.ids else ([], [])
+    pending_starts, pending_lasts = pending_matches(rule.added, text, never) if rule.added.ids else ([], [])
     running = []
     top = -1
     for last in pending_lasts:

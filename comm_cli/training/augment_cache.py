@@ -3,7 +3,7 @@
 The augmenting models are frozen, so their outputs at the connected layers depend only on the
 input tokens. A precompute pass runs them once over the training split and stores those states;
 every training step then reads them instead of running the augmenting models, which removes the
-augment forward from the step cost (DESIGN.md section 3).
+augment forward from the step cost (docs/performance.md, "The cost model").
 
 Layout of a cache directory (written under a temporary name, renamed when complete):
 
@@ -94,7 +94,7 @@ def data_fingerprint(dataset, model, mask_mode: str, dtype: torch.dtype) -> str:
         digest.update(
             json.dumps([spec.model.name_or_path, spec.model.revision, spec.model.dtype, spec.tokens]).encode()
         )
-    digest.update(json.dumps([model._capture_layers, mask_mode, dtype_name(dtype)]).encode())
+    digest.update(json.dumps([model.read_augment_layers, mask_mode, dtype_name(dtype)]).encode())
     for row in dataset:
         for augment in range(len(model.augments)):
             digest.update(np.asarray(augment_token_ids(row, model, augment), dtype=np.int64).tobytes())
@@ -165,6 +165,7 @@ def build_cache(
     dtype: torch.dtype,
     batch_size: int = 64,
     shard_tokens: int = 1 << 24,
+    progress: bool = True,
 ) -> AugmentStateCache:
     """Run the augmenting models once over ``dataset`` and write their connected-layer states."""
     directory = Path(directory)
@@ -174,11 +175,10 @@ def build_cache(
 
     with building(directory, keep=complete) as tmp:
         layers, shards, totals = [], {}, {}
-        for augment, layer_list in enumerate(model._capture_layers):
-            width = model._augment_configs[augment].get_text_config().hidden_size
+        for augment, (layer_list, width) in enumerate(zip(model.read_augment_layers, model.augment_widths)):
             layers += [(augment, layer, width) for layer in layer_list]
             shards[str(augment)], totals[str(augment)] = _write_augment(
-                model, dataset, tmp, augment, layer_list, width, dtype, batch_size, shard_tokens
+                model, dataset, tmp, augment, layer_list, width, dtype, batch_size, shard_tokens, progress
             )
         bytes_per_token = sum(width for _, _, width in layers) * np.dtype(_NUMPY[dtype]).itemsize
         write_manifest(
@@ -204,7 +204,8 @@ def build_cache(
     return AugmentStateCache.open(directory, fingerprint)
 
 
-def _write_augment(model, dataset, tmp: Path, augment, layer_list, width, dtype, batch_size, shard_tokens):
+def _write_augment(model, dataset, tmp: Path, augment, layer_list, width, dtype, batch_size, shard_tokens,
+                   progress: bool):  # fmt: skip
     """One augmenting model's states over the dataset: its files, offsets and shard table."""
     from tqdm.auto import tqdm
 
@@ -218,7 +219,8 @@ def _write_augment(model, dataset, tmp: Path, augment, layer_list, width, dtype,
 
     files = open_files(0)
     try:
-        for start in tqdm(range(0, len(dataset), batch_size), desc=f"augment {augment} states", leave=False):
+        for start in tqdm(range(0, len(dataset), batch_size), desc=f"augment {augment} states", leave=False,
+                          disable=not progress):  # fmt: skip
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             token_ids = [augment_token_ids(r, model, augment) for r in rows]
             lengths = [len(t) for t in token_ids]

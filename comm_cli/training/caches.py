@@ -64,7 +64,8 @@ def augment_cache_collator(
 
     def build():
         model.to(accelerator.device)
-        return build_cache(model, train, directory, fingerprint, dtype, batch_size=4 * trainer_cfg.batch_size)
+        return build_cache(model, train, directory, fingerprint, dtype, batch_size=4 * trainer_cfg.batch_size,
+                           progress=trainer_cfg.progress_bar)  # fmt: skip
 
     cache, reused = _open_or_build(
         accelerator,
@@ -132,7 +133,8 @@ def anchor_prefix_collator(collator, model, train, accelerator, trainer_cfg, anc
     def build():
         model.to(accelerator.device)
         with accelerator.autocast():
-            return build_cache(anchor, layers, length, train, directory, key, 4 * trainer_cfg.batch_size)
+            return build_cache(anchor, layers, length, train, directory, key, 4 * trainer_cfg.batch_size,
+                               progress=trainer_cfg.progress_bar)  # fmt: skip
 
     cache, reused = _open_or_build(
         accelerator,

@@ -229,19 +229,24 @@ def build_model(cfg, plan: CalmPlan | None = None, device=None) -> nn.Module:
     raise ConfigError(f"method.name '{name}' is not one of calm, lora, full")
 
 
+def composed_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """The arguments of a composition's forward that a collated batch holds."""
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "augment_attention_mask": batch["augment_attention_mask"],
+        "augment_states": batch.get("augment_states"),
+        "anchor_ends": batch.get("anchor_ends"),
+        "augment_inputs": batch.get("augment_inputs"),
+    }
+
+
 def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor], composed: bool) -> torch.Tensor:
     """Teacher-forced logits of a collated batch, for a composition (``composed``, possibly
     wrapped by Accelerate) or a plain causal LM. Positions count only real tokens, so a padded
     row scores as it would alone."""
     if composed:
-        return model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            augment_attention_mask=batch["augment_attention_mask"],
-            augment_states=batch.get("augment_states"),
-            anchor_ends=batch.get("anchor_ends"),
-            augment_inputs=batch.get("augment_inputs"),
-        ).logits
+        return model(**composed_inputs(batch)).logits
     return model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -261,15 +266,7 @@ def batch_loss(
     labels = batch["labels"]
     if composed:
         return model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            augment_attention_mask=batch["augment_attention_mask"],
-            augment_states=batch.get("augment_states"),
-            anchor_ends=batch.get("anchor_ends"),
-            augment_inputs=batch.get("augment_inputs"),
-            labels=labels,
-            return_logits=False,
-            loss_reduction=reduction,
+            **composed_inputs(batch), labels=labels, return_logits=False, loss_reduction=reduction
         ).loss
     if not keeps_loss_logits(model):
         return next_token_loss(batch_logits(model, batch, composed=False), labels, reduction)

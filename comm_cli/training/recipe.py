@@ -58,6 +58,7 @@ from comm_cli.training.models import (
 from comm_cli.training.optim import build_optimizer, build_scheduler
 from comm_cli.training.preemption import StopSignals
 from comm_cli.training.ranks import any_process
+from comm_cli.training.run_report import closing_lines
 from comm_cli.training.step_log import StepLog
 from comm_cli.training.trackers import log_with, start_trackers
 
@@ -283,6 +284,7 @@ class TrainRecipe:
 
     def _train(self) -> dict:
         tcfg = self.cfg.trainer
+        self.started = time.perf_counter()
         least_step_seconds = step_seconds()
         self.model.train()
         batches = micro_batches(
@@ -333,7 +335,7 @@ class TrainRecipe:
                 self.plateau.observe(readings)
                 if step == self.total_steps:
                     break
-                if self.val_loader is not None and tcfg.eval_every and step % tcfg.eval_every == 0:
+                if self.val_loader is not None and self._validation_due(step, last_epoch):
                     self._log_validation()
                 self._warn_on_plateau(step)
                 if tcfg.save_every and step % tcfg.save_every == 0:
@@ -379,6 +381,13 @@ class TrainRecipe:
             self._stop_on_non_finite(step_loss)
         self.scheduler.step()
         return step_loss, int(global_tokens), grad_norm
+
+    def _validation_due(self, step: int, epoch_of_step: int) -> bool:
+        """Every trainer.eval_every steps; with eval_every null, after each completed epoch."""
+        every = self.cfg.trainer.eval_every
+        if every:
+            return step % every == 0
+        return self.state.epoch > epoch_of_step
 
     def _advance(self, epoch: int, index: int, loss: float, tokens: int) -> None:
         """Move the trainer state past a step whose last micro-batch was batch ``index`` of ``epoch``."""
@@ -455,6 +464,8 @@ class TrainRecipe:
             "plateau": self.plateau.message,
         }
         atomic_write_text(self.run_dir / ckpt.SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        for line in closing_lines(summary, time.perf_counter() - self.started, self.run_dir):
+            logger.info(line)
 
     def cleanup(self) -> None:
         self.accelerator.end_training()

@@ -1,7 +1,7 @@
 """Decoding per token (``--decoding``): the composition's KV-cached greedy decoding against the
 anchor's and the augment's own (a plain KV-cached greedy loop over each model alone), at every
 batch of ``--decode-batches`` (the GPU suite: the 1b preset at batch 1 and 16). The ratio
-composed / (anchor + augment) is the number DESIGN.md's cost model promises stays near 1; the
+composed / (anchor + augment) is the number the cost model (docs/performance.md) promises stays near 1; the
 target on a GPU is <= 1.10.
 
 Per token means as in the default case: the time of the whole call (prompt + ``--new-tokens``

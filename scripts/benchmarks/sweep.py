@@ -1,5 +1,5 @@
 """How a comm training step's cost grows: step time and peak memory against sequence length and
-number of connections, each beside its lower bound (DESIGN.md section 3, every logit computed).
+number of connections, each beside its lower bound (docs/performance.md, "The cost model"; every logit computed).
 
 Run through ``python scripts/bench.py --sweep`` (same model options). Each point is the
 prompt/completion case (``--case-prompt-fraction``, default 70% prompt) at ``--sweep-vocab``

@@ -5,8 +5,8 @@ GPU suite runs it at the 1b preset (~1.5B anchor + 0.6B augment, random weights 
 shapes, nothing downloaded), bf16 bases with fp32 bridges under autocast.
 
 Per sequence length and backend it reports the step time, the step against the lower bound
-(DESIGN.md section 3; the bound computes every logit), MFU as ``report.mfu`` counts it (the
-README's definition, kept there alone), tokens/s, peak memory against the same step computing
+(docs/performance.md, "The cost model"; the bound computes every logit), MFU as ``report.mfu``
+counts it (the definition in docs/performance.md, kept there alone), tokens/s, peak memory against the same step computing
 every logit, and the loss and bridge gradients against the torch backend's (a backend that is
 fast but wrong must not become ``COMM_LINEAR_CE=auto``'s first choice). A backend that cannot run
 here (a CPU, a library not installed) is recorded as skipped with the reason ``select_backend``

@@ -1,5 +1,5 @@
 """What the text case, the prompt/completion case and the sweep time: the cost lower bound
-(DESIGN.md section 3), comm's training step three ways, LoRA on the anchor with the bridges'
+(docs/performance.md, "The cost model"), comm's training step three ways, LoRA on the anchor with the bridges'
 parameter budget, and KV-cached greedy decoding, all over the same frozen weights."""
 
 from __future__ import annotations

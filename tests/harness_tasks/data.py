@@ -14,3 +14,7 @@ def multiple_choice(**kwargs):
 
 def generation(**kwargs):
     return datasets.load_dataset("json", data_files={"test": str(HERE / "comm_gen.json")})
+
+
+def text(**kwargs):
+    return datasets.load_dataset("json", data_files={"test": str(HERE / "text.jsonl")})

@@ -94,7 +94,7 @@ class KVSpecialistSettings:
     key_length: int = 3
     composition_fraction: float = 0.2
     # Composition keys hold every value equally often (KVWorld.create(balanced=True)). Measured
-    # (README): a random split of world seed 0 gave value 4 only 4 of the 100 composition keys,
+    # (docs/experiments/key_value.md): a random split of world seed 0 gave value 4 only 4 of the 100 composition keys,
     # and held-out expressions needing a 4 failed 40% of the time against 7% or less for the rest.
     balanced_split: bool = True
     min_operands: int = 2

@@ -52,7 +52,7 @@ def stats(values: list[float]) -> dict[str, float]:
 
 
 def summarise(tables: dict[int, dict], manifests: dict[int, dict]) -> dict:
-    """Per-run rows and the aggregate the README reports."""
+    """Per-run rows and the aggregate docs/experiments/key_value.md reports."""
     runs, controls, specialists = [], {name: [] for name in CONTROLS}, []
     for spec_seed, table in tables.items():
         by_system = {row["system"]: row for row in table["rows"]}

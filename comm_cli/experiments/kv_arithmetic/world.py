@@ -46,7 +46,7 @@ class KVWorld:
         ``balanced``: the composition keys hold every value equally often (as nearly as the
         counts allow). A plain random split of 100 keys can leave a value with 4 keys; the
         bridges then see that value too rarely to learn to carry it, and the held-out keys with it
-        fail (README, "what decided it"). False: a plain random split (the recipe before
+        fail (docs/experiments/key_value.md, "What decided it"). False: a plain random split (the recipe before
         RECIPE_VERSION 2's ``balanced_split``)."""
         if num_keys > 26**key_length:
             raise DataError(

@@ -41,7 +41,7 @@ class FactsSettings:
     seed: int = 0
     # Many composition people is what makes the bridges read the specialist instead of memorising
     # name -> city pairs (measured, held-out one hop: 120 composition people 17.5%, 600 66.7%,
-    # 1400 74%; README, "A real pretrained anchor").
+    # 1400 74%; docs/experiments/real_facts.md).
     num_people: int = 2000
     composition_fraction: float = 0.7
     validation_fraction: float = 0.05
