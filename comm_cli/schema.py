@@ -119,7 +119,7 @@ class TrainerConfig:
     # anchor's own (bridges off, measured before the first step when there is validation data).
     plateau_check: bool = True
     plateau_after: float = 0.5
-    plateau_output_ratio: float = 1e-3
+    plateau_output_ratio: float = 0.01
     plateau_min_gain: float = 0.01
 
 

@@ -80,7 +80,7 @@ def test_the_plateau_detector_speaks_once_past_its_share_and_only_on_a_plateau()
 
     dead = PlateauDetector(total_steps=10)  # no validation data: the output ratio alone
     dead.observe([{"output_ratio": 0.0}])
-    assert "below 0.001" in dead.check(5)
+    assert "below 0.01 " in dead.check(5)
 
     unmoved = PlateauDetector(total_steps=10, anchor_loss=2.0)  # contributes, but nothing held out gained
     unmoved.observe([{"output_ratio": 0.5}], val_loss=2.01)
@@ -115,16 +115,18 @@ def test_a_stalled_run_says_plateau_in_one_line_and_logs_what_the_bridges_do(ws,
     warnings = [line for line in console if "plateau" in line]
     assert len(warnings) == 1, warnings
     assert "plateau at step 20/40" in warnings[0] and DOCS in warnings[0]
+    assert "every bridge's output is below 0.01" in warnings[0] and "validation loss" in warnings[0]
     assert summary["plateau"] and summary["plateau"] in warnings[0]
 
     # the step log: the anchor's own validation loss first, then every 2 steps each bridge's numbers
     assert steps[0]["step"] == 0 and "val/anchor_loss" in steps[0]
     reported = [s for s in steps if "train/loss" in s]
     assert [s["step"] for s in reported] == list(range(2, 41, 2))
-    assert all(s["bridge0/output_ratio"] < 1e-3 and 0.9 < s["bridge0/entropy"] <= 1.0 for s in reported)
+    assert all(s["bridge0/output_ratio"] < 0.01 and 0 <= s["bridge0/entropy"] <= 1.0 for s in reported)
     validations = [s for s in steps if "val/loss" in s]
     assert [s["step"] for s in validations] == [10, 20, 30, 40]
-    assert all(abs(s["val/loss"] - steps[0]["val/anchor_loss"]) < 1e-3 for s in validations)
+    anchor = steps[0]["val/anchor_loss"]
+    assert all(abs(s["val/loss"] - anchor) < 0.005 * anchor for s in validations)  # it has not moved
 
     # the console: a bridges line at each reported step
     assert sum("step 20/40 bridges out/state" in line for line in console) == 1

@@ -91,7 +91,7 @@ class PlateauDetector:
 
     total_steps: int
     after: float = 0.5
-    output_ratio: float = 1e-3
+    output_ratio: float = 0.01
     min_gain: float = 0.01
     enabled: bool = True
     anchor_loss: float | None = None
