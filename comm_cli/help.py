@@ -27,6 +27,11 @@ PAGES = {
             ("comm-train ... method=lora", "the LoRA baseline on the same data"),
             ("comm-train ... resume=auto", "continue a stopped run from its newest checkpoint"),
             (
+                "comm-train ... trainer.log_every=20 trainer.eval_every=100",
+                "each bridge's output/state ratio, entropy and gate every 20 steps, held-out loss every 100;"
+                " a plateau is named (trainer.plateau_*)",
+            ),
+            (
                 "comm-launch ddp anchor=... augment=... data.data_files=train.jsonl",
                 "every GPU of this machine",
             ),
@@ -61,6 +66,10 @@ PAGES = {
                 "a base model alone",
             ),
             ("comm-eval checkpoint=DIR harness.tasks=[arc_easy,gsm8k]", "lm-evaluation-harness tasks"),
+            (
+                "comm-eval checkpoint=DIR data.data_files=test.jsonl attention_maps=true",
+                "a PNG per bridge of where each head looks in the augment (attention_map_examples=3)",
+            ),
             (
                 "comm-eval suite=code checkpoint=DIR execute_untrusted_code=true",
                 "HumanEval and MBPP, executed",

@@ -110,6 +110,17 @@ class TrainerConfig:
     prepare_only: bool = False
     num_threads: int | None = None  # CPU threads for torch (None: torch's default)
     progress_bar: bool = True
+    # Every log_every steps, per bridge, on that step's own batch (to the tracker, metrics.jsonl and
+    # the console): the output/state norm ratio, the attention entropy and the gate.
+    bridge_readings: bool = True
+    # One console line when the run sits on a plateau (docs/training_dynamics.md#what-to-try):
+    # past plateau_after of the steps, every bridge's output is still below plateau_output_ratio
+    # of the anchor state, or the validation loss is not plateau_min_gain (a fraction) below the
+    # anchor's own (bridges off, measured before the first step when there is validation data).
+    plateau_check: bool = True
+    plateau_after: float = 0.5
+    plateau_output_ratio: float = 0.01
+    plateau_min_gain: float = 0.01
 
 
 @dataclass
@@ -258,6 +269,11 @@ class EvalConfig:
     # with model=calm: also evaluate with the bridges switched off (the anchor's skills kept);
     # null: on when scoring your own data (data.data_files), off otherwise
     bridges_off: bool | None = None
+    # with model=calm: a PNG per bridge of where each head looks in the augment
+    # (attention_bridge<i>.png next to results.json, and in the tracker), on the first
+    # attention_map_examples rows of the first task with data (needs matplotlib)
+    attention_maps: bool = False
+    attention_map_examples: int = 3
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sample_predictions: int = 20  # rows of the predictions table sent to the tracker
     device: str | None = None  # None: cuda when available, else cpu
@@ -394,6 +410,9 @@ TRAIN_RULES: tuple[Rule, ...] = (
     ("trainer.keep_last", _at_least(0), "how many checkpoints to keep (0 keeps all)"),
     ("trainer.num_workers", _at_least(0), "0 or more data-loading processes"),
     ("trainer.num_threads", _optional(_at_least(1)), "a positive number of CPU threads, or null"),
+    ("trainer.plateau_after", lambda v: _number(v) and 0 < v <= 1, "a share of the steps in (0, 1]"),
+    ("trainer.plateau_output_ratio", _at_least(0), "0 or a positive norm ratio"),
+    ("trainer.plateau_min_gain", _at_least(0), "0 or a positive fraction of the anchor's loss"),
     ("method.name", _one_of(*METHODS), f"one of {', '.join(METHODS)}"),
     ("optimizer.name", _one_of(*OPTIMIZERS), f"one of {', '.join(OPTIMIZERS)}"),
     ("scheduler.name", _one_of(*SCHEDULERS), f"one of {', '.join(SCHEDULERS)}"),
@@ -429,6 +448,7 @@ EVAL_RULES: tuple[Rule, ...] = (
     ("generation.top_p", _optional(lambda v: _number(v) and 0 < v <= 1), "a probability in (0, 1], or null"),
     ("generation.batch_size", _at_least(1), "a positive batch size"),
     ("sample_predictions", _at_least(0), "0 or more rows"),
+    ("attention_map_examples", _at_least(1), "a positive number of examples to draw"),
     ("num_threads", _optional(_at_least(1)), "a positive number of CPU threads, or null"),
     ("logger.name", _one_of("wandb", "tensorboard", "none"), "one of wandb, tensorboard, none"),
     (

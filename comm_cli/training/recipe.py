@@ -8,7 +8,7 @@
 Each ``_setup_*`` step takes its slice of the config. The run directory, checkpoints, resume and
 the final save are the checkpoint client's (``checkpoint_client.py``); the collators that read
 cached states are ``caches.py``'s; the loaders ``loaders.py``'s; what a step reports
-``step_log.py``'s.
+``step_log.py``'s; whether the bridges read (their numbers, the plateau line) ``bridge_watch.py``'s.
 
 The loss of an optimizer step is the sum of token losses over all micro-batches and all
 processes divided by the number of loss-carrying tokens in that global batch, so k processes
@@ -46,6 +46,7 @@ from comm_cli.logs import setup_logging
 from comm_cli.losses import loss_token_count
 from comm_cli.training import checkpoint as ckpt
 from comm_cli.training import engines
+from comm_cli.training.bridge_watch import BridgeWatch, PlateauDetector, console_text, tracker_metrics
 from comm_cli.training.caches import anchor_prefix_collator, augment_cache_collator, with_example_ids
 from comm_cli.training.checkpoint_client import CheckpointClient
 from comm_cli.training.faults import KILL_AT_STEP, kill_if_asked, step_seconds, with_missing_model
@@ -304,14 +305,27 @@ class TrainRecipe:
         batches = micro_batches(
             self.accelerator, self.train_loader, self.state.epoch, self.state.batches_in_epoch
         )
-        report = StepLog(
-            self.accelerator, self.total_steps, self.state.step, tcfg.log_every, tcfg.progress_bar
+        report = self.report = StepLog(
+            self.accelerator,
+            self.total_steps,
+            self.state.step,
+            tcfg.log_every,
+            tcfg.progress_bar,
+            self.run_dir / "metrics.jsonl",
         )
+        composition = self.accelerator.unwrap_model(self.model)
+        watch = BridgeWatch(composition, tcfg, self.total_steps, self.engine)
+        self.plateau = PlateauDetector.from_config(tcfg, self.total_steps)
+        self.plateau.enabled &= watch.model is not None
+        if self.val_loader is not None and watch.model is not None:
+            self._log_anchor_validation(composition)
         metrics: dict = {}
         with contextlib.closing(report):
             while self.state.step < self.total_steps:
                 micro = [next(batches) for _ in range(tcfg.gradient_accumulation_steps)]
-                loss, tokens, grad_norm = self._optimizer_step([batch for _, _, batch in micro])
+                with watch.probe(self.state.step + 1):
+                    loss, tokens, grad_norm = self._optimizer_step([batch for _, _, batch in micro])
+                readings = watch.readings(micro[-1][2]["attention_mask"])
                 last_epoch, last_index, _ = micro[-1]
                 self._advance(last_epoch, last_index, loss, tokens)
                 if least_step_seconds:
@@ -320,11 +334,25 @@ class TrainRecipe:
                 step = self.state.step
                 epoch = self.state.epoch + self.state.batches_in_epoch / max(len(self.train_loader), 1)
                 lr = self.scheduler.get_last_lr()[0]
-                metrics = report.step(step, loss, tokens, lr, epoch, grad_norm) or metrics
+                metrics = (
+                    report.step(
+                        step,
+                        loss,
+                        tokens,
+                        lr,
+                        epoch,
+                        grad_norm,
+                        tracker_metrics(readings),
+                        console_text(readings),
+                    )
+                    or metrics
+                )
+                self.plateau.observe(readings)
                 if step == self.total_steps:
                     break
                 if self.val_loader is not None and self._validation_due(step, last_epoch):
                     self._log_validation()
+                self._warn_on_plateau(step)
                 if tcfg.save_every and step % tcfg.save_every == 0:
                     self.save_checkpoint()
                 if self._stop_requested():
@@ -333,6 +361,7 @@ class TrainRecipe:
         final_metrics = dict(metrics)
         if self.val_loader is not None:
             final_metrics.update(self._log_validation())
+        self._warn_on_plateau(self.state.step)
         self.save_checkpoint()
         self.save_final()
         self._write_summary(final_metrics)
@@ -417,9 +446,23 @@ class TrainRecipe:
 
     def _log_validation(self) -> dict:
         metrics = self.evaluate()
-        self.accelerator.log(metrics, step=self.state.step)
+        self.report.log(metrics, self.state.step)
         logger.info("step %d validation loss %.4f", self.state.step, metrics["val/loss"])
+        self.plateau.observe(val_loss=metrics["val/loss"])
         return metrics
+
+    def _log_anchor_validation(self, composition: ComposedModel) -> None:
+        """The validation loss of the anchor alone (bridges off), the mark a run must leave."""
+        with composition.bridges_disabled():
+            loss = self.evaluate()["val/loss"]
+        self.plateau.anchor_loss = loss
+        self.report.log({"val/anchor_loss": loss}, self.state.step)
+        logger.info("step %d validation loss of the anchor alone (bridges off) %.4f", self.state.step, loss)
+
+    def _warn_on_plateau(self, step: int) -> None:
+        message = self.plateau.check(step)
+        if message is not None and self.accelerator.is_main_process:  # each rank measured its own batch
+            logger.warning("%s", message)
 
     def _write_summary(self, metrics: dict) -> None:
         if not self.accelerator.is_main_process:
@@ -433,6 +476,7 @@ class TrainRecipe:
             "parameters": self.parameter_counts,
             "metrics": metrics,
             "wandb_run_id": self.state.wandb_run_id,
+            "plateau": self.plateau.message,
         }
         atomic_write_text(self.run_dir / ckpt.SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         for line in closing_lines(summary, time.perf_counter() - self.started, self.run_dir):
