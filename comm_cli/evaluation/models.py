@@ -107,6 +107,50 @@ def _spec_with(spec: ModelSpec, dtype: str | None) -> ModelSpec:
     return dataclasses.replace(spec, dtype=dtype)
 
 
+def check_model_choice(cfg) -> None:
+    """What the config says about the model, checked before anything loads (comm-eval and the use
+    commands): a composition's checkpoint and the base models it names, a baseline's base model,
+    a LoRA or fine-tuned run's directory. Each problem is one line naming the fix."""
+    from comm_cli.compose.saving import CONFIG_NAME, WEIGHTS_NAME
+
+    if cfg.model == "calm":
+        if not cfg.checkpoint:
+            raise ConfigError("model=calm needs checkpoint=<directory of a saved composition>")
+        if not Path(cfg.checkpoint).expanduser().exists():
+            raise ModelLoadError(
+                f"checkpoint '{cfg.checkpoint}' does not exist: give the directory comm-train saved "
+                "(outputs/NAME/composition) or one written by save_pretrained"
+            )
+        composition = read_composition_config(cfg.checkpoint)  # one line when missing or damaged
+        if not (Path(cfg.checkpoint) / WEIGHTS_NAME).is_file():
+            raise ModelLoadError(
+                f"'{cfg.checkpoint}' has no {WEIGHTS_NAME}: the composition was not saved completely"
+            )
+        bases = [("anchor", composition.anchor)]
+        bases += [(f"augmenting model {i}", a.model) for i, a in enumerate(composition.augments)]
+        for what, spec in bases:
+            name = spec.name_or_path
+            local = Path(name).expanduser().is_absolute() or name.startswith((".", "~"))
+            if local and not Path(name).expanduser().exists():
+                raise ModelLoadError(
+                    f"the composition in '{cfg.checkpoint}' names its {what} '{name}', which is not there: put "
+                    f"the model back, or set its name_or_path in {Path(cfg.checkpoint) / CONFIG_NAME} to "
+                    "where it is now"
+                )
+    if cfg.model in ("anchor", "augment", "lora"):
+        which = "augment" if cfg.model == "augment" else "anchor"
+        if getattr(cfg, which).name_or_path is None:
+            raise ConfigError(
+                f"model={cfg.model} needs the {which}: give {which}.name_or_path=<hub id or directory> "
+                f"(or a preset, {which}=NAME)"
+            )
+    if cfg.model in ("lora", "full") and (not cfg.checkpoint or not Path(cfg.checkpoint).is_dir()):
+        raise ModelLoadError(
+            f"model={cfg.model} needs checkpoint=<directory written by comm-train method={cfg.model}>, "
+            f"got {cfg.checkpoint}"
+        )
+
+
 def load_eval_model(cfg, device: torch.device) -> EvalModel:
     kind = cfg.model
     if kind not in MODELS:
