@@ -93,6 +93,59 @@ PAGES = {
         "groups": ["anchor", "augment"],
         "added": {},
     },
+    "comm-generate": {
+        "what": (
+            "Generate text with a saved composition (checkpoint=DIR) or a baseline (model=anchor|augment|lora|full):\n"
+            'prompts from prompt=, prompts_file= (.txt one a line, .jsonl with a "prompt" field) or stdin; one\n'
+            "jsonl line a prompt (prompt, completion, finish_reason, token counts, settings) to output=FILE or\n"
+            "stdout. A single prompt on a terminal streams its reply instead (stream=true|false to choose).\n"
+            "The anchor's chat template poses each prompt when it has one (chat_template=false: plain text)."
+        ),
+        "examples": [
+            ("comm-generate checkpoint=outputs/run/composition prompt='12+7='", "one prompt, streamed"),
+            (
+                "comm-generate checkpoint=DIR prompts_file=test.jsonl output=out.jsonl batch_size=32",
+                "a file, batched",
+            ),
+            ("cat prompts.txt | comm-generate checkpoint=DIR > out.jsonl", "prompts on stdin"),
+            (
+                "comm-generate checkpoint=DIR prompt='...' bridges_off=true",
+                "the anchor alone, for comparison",
+            ),
+            (
+                "comm-generate checkpoint=DIR prompt='...' generation.do_sample=true generation.temperature=0.7 seed=1",
+                "sampling",
+            ),
+            (
+                "comm-generate checkpoint=DIR prompt='...' system='Answer briefly.'",
+                "a system turn (chat template)",
+            ),
+            ("comm-generate model=anchor anchor.name_or_path=ANCHOR prompt='...'", "a base model alone"),
+        ],  # fmt: skip
+        "groups": ["anchor", "augment"],
+        "added": {},
+        "keys": "generation.max_new_tokens=64, device=cuda, dtype=bfloat16",
+    },
+    "comm-chat": {
+        "what": (
+            "Chat in the terminal with a saved composition (checkpoint=DIR) or a baseline, through the anchor's\n"
+            "chat template (without one: plain text, the conversation joined), replies streamed. In the chat:\n"
+            "/reset forgets the conversation, /bridges off|on switches the bridges (what the augment adds),\n"
+            "/help lists the commands; Ctrl-C stops a reply, Ctrl-D leaves. Lines piped on stdin are turns."
+        ),
+        "examples": [
+            ("comm-chat checkpoint=outputs/run/composition", "chat with a trained composition"),
+            (
+                "comm-chat checkpoint=DIR system='You are terse.' generation.max_new_tokens=512",
+                "a system turn",
+            ),
+            ("comm-chat checkpoint=DIR generation.do_sample=true generation.top_p=0.9", "sampled replies"),
+            ("comm-chat model=anchor anchor.name_or_path=ANCHOR", "the anchor alone"),
+        ],  # fmt: skip
+        "groups": ["anchor", "augment"],
+        "added": {},
+        "keys": "generation.max_new_tokens=512, device=cuda, dtype=bfloat16",
+    },
 }
 
 
@@ -118,7 +171,7 @@ def page(program: str, conf_dir: str | Path) -> str:
         lines.append(f"  {group}: {', '.join(options(conf_dir, group))}  ({how})")
     lines += [
         "",
-        "Every key can be set on the command line (optimizer.lr=3e-4, trainer.max_steps=2000, ...).",
+        f"Every key can be set on the command line ({spec.get('keys', 'optimizer.lr=3e-4, trainer.max_steps=2000')}, ...).",
         f"The full config, with every key and its value: {program} ... --cfg job",
         "Library progress bars and logs: verbose=true. Hydra's own options: --hydra-help.",
     ]

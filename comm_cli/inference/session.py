@@ -115,6 +115,12 @@ class Session:
                 "set chat_template=false"
             )
         self.chat = has_template if chat_template is None else chat_template
+        if system is not None and not self.chat:
+            why = "chat_template=false" if has_template else "the anchor's tokenizer has none"
+            raise ConfigError(
+                f"system=... is a turn of a chat template, and prompts are posed without one ({why}): "
+                "drop system=, or write it into the prompt"
+            )
         self.add_bos = add_bos
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -237,12 +243,23 @@ class Session:
         return out
 
 
+def log_to_stderr(verbose: bool) -> None:
+    """The use commands' console: stdout is their output (jsonl, a reply, a chat), so log lines go
+    to stderr, and only warnings unless ``verbose``."""
+    import sys
+
+    from comm_cli.logs import setup_logging
+
+    setup_logging(main_process=True, console=sys.stderr, level=logging.INFO if verbose else logging.WARNING)
+
+
 def load_session(cfg) -> Session:
     """The model and tokenizer a use command (``UseConfig``) names, ready to generate."""
     from comm_cli.compose import ComposedModel
     from comm_cli.compose.loading import load_tokenizer
-    from comm_cli.evaluation.models import load_eval_model
+    from comm_cli.evaluation.models import check_model_choice, load_eval_model
 
+    check_model_choice(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
