@@ -250,6 +250,23 @@ def test_a_runs_checkpoint_poses_prompts_as_the_run_trained(made, tmp_path, caps
     assert result["completion"] != reference(made["shared"], PROMPTS[2:])[0]
 
 
+def test_device_and_dtype_are_chosen_and_recorded(made, capsys, monkeypatch):
+    """Without device= the model runs on cpu when torch sees no GPU; device= and dtype= load it
+    there and so, and each result records where and in what precision it was made."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = [f"checkpoint={made['shared']}", f"prompt={json.dumps(PROMPTS[0])}"]
+    code, out, err = generate(capsys, args)
+    assert code == 0, err
+    (result,) = rows(out)
+    assert result["settings"]["device"] == "cpu" and result["settings"]["dtype"] == "float32"
+    assert result["completion"] == reference(made["shared"], PROMPTS[:1])[0]
+    code, out, err = generate(capsys, [*args, "device=cpu", "dtype=bfloat16"])
+    assert code == 0, err
+    (result,) = rows(out)
+    assert result["settings"]["device"] == "cpu" and result["settings"]["dtype"] == "bfloat16"
+    assert result["completion_tokens"] >= 1
+
+
 def test_sampling_with_a_seed_repeats_itself(made, capsys):
     args = [f"checkpoint={made['shared']}", f"prompt={json.dumps(PROMPTS[0])}", "generation.do_sample=true"]
     args += ["generation.max_new_tokens=12", "generation.top_k=50"]
@@ -281,6 +298,9 @@ def _moved_base(made, tmp_path) -> Path:
         ("no prompt file", "prompts_file '{tmp}/absent.txt' does not exist"),
         ("terminal on stdin", "no prompt: give prompt="),
         ("bad jsonl row", 'line 2 has no "prompt" string'),
+        ("no gpu", "device=cuda but torch sees no CUDA GPU on this machine: give device=cpu"),
+        ("gpu not there", "device=cuda:1 but this machine has 1 CUDA GPU(s): cuda:0 to cuda:0"),
+        ("mistyped device", "device=gpu is not a device: give cpu, cuda, cuda:N or mps"),
     ],
 )
 def test_each_mistake_is_one_line_and_exit_2(made, tmp_path, capsys, monkeypatch, case, message):
@@ -294,7 +314,14 @@ def test_each_mistake_is_one_line_and_exit_2(made, tmp_path, capsys, monkeypatch
         "no prompt file": [ckpt, f"prompts_file={tmp_path / 'absent.txt'}"],
         "terminal on stdin": [ckpt],
         "bad jsonl row": [ckpt, f"prompts_file={tmp_path / 'bad.jsonl'}"],
+        "no gpu": [ckpt, prompt, "device=cuda"],
+        "gpu not there": [ckpt, prompt, "device=cuda:1"],
+        "mistyped device": [ckpt, prompt, "device=gpu"],
     }[case]
+    gpus = {"no gpu": 0, "gpu not there": 1}.get(case)
+    if gpus is not None:  # the machine as the case has it, whatever this one has
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(sys, "stdin", _Terminal())
     code, out, err = generate(capsys, [*args, f"output={tmp_path / 'out.jsonl'}"])
     assert code == 2

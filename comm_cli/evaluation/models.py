@@ -83,7 +83,10 @@ class EvalModel:
             )
         else:
             if generation.do_sample:
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+                # the generator may live on the GPU: draw the seed there
+                where = generator.device if generator is not None else None
+                seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=where)
+                torch.manual_seed(int(seed))
             if stopping is not None:
                 from transformers import StoppingCriteriaList
 
@@ -105,6 +108,35 @@ def _spec_with(spec: ModelSpec, dtype: str | None) -> ModelSpec:
     if dtype is None:
         return spec
     return dataclasses.replace(spec, dtype=dtype)
+
+
+def choose_device(name: str | None) -> torch.device:
+    """``device=`` of comm-eval and the use commands, checked before anything loads: None is cuda
+    when this machine has a GPU, else cpu; a mistyped device, or a GPU this machine lacks, is one
+    line (not torch's traceback from deep inside the first ``.to``)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"device={name} is not a device: give cpu, cuda, cuda:N or mps (or leave it unset: cuda when there is one)"
+        ) from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"device={name} but torch sees no CUDA GPU on this machine: give device=cpu, or leave device unset"
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"device={name} but this machine has {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"device={name} but MPS is not available here: give device=cpu, or leave device unset"
+        )
+    return device
 
 
 def check_model_choice(cfg) -> None:
@@ -159,7 +191,7 @@ def load_eval_model(cfg, device: torch.device) -> EvalModel:
         if not cfg.checkpoint:
             raise ConfigError("model=calm needs checkpoint=<directory of a saved composition>")
         composition = read_composition_config(cfg.checkpoint)
-        model = ComposedModel.from_pretrained(cfg.checkpoint, device=device)
+        model = ComposedModel.from_pretrained(cfg.checkpoint, device=device, dtype=cfg.dtype)
         return EvalModel(
             kind, model.eval(), composition.anchor.name_or_path, str(cfg.checkpoint), composition.anchor
         )

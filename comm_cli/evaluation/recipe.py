@@ -10,7 +10,7 @@ import torch
 
 from comm_cli.compose import ComposedModel
 from comm_cli.errors import ConfigError
-from comm_cli.evaluation.models import load_eval_model
+from comm_cli.evaluation.models import choose_device, load_eval_model
 from comm_cli.evaluation.report import format_table, log_to_tracker, result_rows, write_results
 from comm_cli.evaluation.runner import TaskRunner
 from comm_cli.logs import setup_logging
@@ -97,6 +97,7 @@ def check_inputs(cfg) -> None:
     from comm_cli.evaluation import code_tasks
     from comm_cli.evaluation.models import check_model_choice
 
+    choose_device(cfg.device)
     check_tasks(cfg)
     check_harness(cfg)
     for task in tasks_of(cfg).values():
@@ -138,7 +139,7 @@ def evaluate(cfg, raw_config: dict) -> list[dict]:
     check_harness(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = choose_device(cfg.device)
     model = load_eval_model(cfg, device)
     tokenizer = load_tokenizer(
         cfg.tokenizer or model.tokenizer_source, None if cfg.tokenizer else model.tokenizer_spec

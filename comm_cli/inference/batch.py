@@ -23,6 +23,8 @@ def settings_of(cfg, session: Session, sampling: Sampling) -> dict:
         "model": cfg.model,
         "checkpoint": cfg.checkpoint,
         "bridges_off": bool(cfg.bridges_off),
+        "device": str(session.loaded.device),
+        "dtype": str(next(session.anchor.parameters()).dtype).removeprefix("torch."),
         "chat_template": session.chat,
         "system": session.system if session.chat else None,
         "add_bos": None if session.chat else session.add_bos,
