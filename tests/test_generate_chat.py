@@ -346,10 +346,12 @@ def chat_piped(capsys, monkeypatch, args: list[str], lines: list[str]) -> tuple[
     return code, out, err
 
 
-def test_chat_from_a_pipe_keeps_the_conversation(made, capsys, monkeypatch):
+@pytest.mark.parametrize("pair", ["shared", "aligned"])
+def test_chat_from_a_pipe_keeps_the_conversation(made, capsys, monkeypatch, pair):
     """Without a chat template (said once) each turn reads the conversation joined as text; the
-    bridges switch off and on; /reset starts over; replies are one a line on stdout."""
-    path = made["shared"]
+    bridges switch off and on; /reset starts over; replies are one a line on stdout. The same
+    for a pair whose augment reads its own tokens."""
+    path = made[pair]
     first = reference(path, ["hello"])[0]
     second_text = f"hello{first}\nagain"
     second = reference(path, [second_text])[0]
@@ -489,3 +491,25 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(made, tmp_path):
     term.expect("\n> ")
     term.send("\x04")
     assert term.exit_status() == 0
+
+
+def test_ctrl_c_stops_a_streamed_generation_and_writes_nothing(made, tmp_path):
+    """comm-generate streaming one prompt to a terminal: Ctrl-C ends it with status 130 and the
+    output file is not written (no half a result)."""
+    output = tmp_path / "out.jsonl"
+    term = Pty(
+        [
+            "comm_cli.generate",
+            f"checkpoint={made['shared']}",
+            "prompt=hello",
+            "generation.max_new_tokens=100000",
+            f"output={output}",
+        ],
+        tmp_path,
+    )
+    while len(term.screen) < 20:  # the reply is coming
+        assert term.read(240), "no reply"
+    term.send("\x03")  # Ctrl-C
+    term.expect(f"comm-generate: interrupted; {output} not written")
+    assert term.exit_status() == 130
+    assert [p.name for p in tmp_path.iterdir() if "out.jsonl" in p.name] == []  # nor a temporary file
