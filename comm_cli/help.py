@@ -92,6 +92,8 @@ PAGES = {
         ],
         "groups": ["anchor", "augment"],
         "added": {},
+        "standalone": True,
+        "keys": "generation.max_new_tokens=512, port=9000, device=cuda, dtype=bfloat16",
     },
     "comm-generate": {
         "what": (

@@ -150,14 +150,14 @@ def test_every_preset_comm_eval_lists_is_accepted():
             assert OmegaConf.to_object(cfg) is not None, (group, name)
 
 
-@pytest.mark.parametrize("program", ["comm-generate", "comm-chat"])
+@pytest.mark.parametrize("program", ["comm-generate", "comm-chat", "comm-serve"])
 def test_the_use_commands_compose_and_accept_what_their_help_lists(program):
     """comm-generate's and comm-chat's root configs compose into their schemas (no model loads);
     every group their --help page lists, and every option of it, is accepted."""
-    from comm_cli.schema import ChatConfig, GenerateConfig
+    from comm_cli.schema import ChatConfig, GenerateConfig, ServeConfig
 
     name = program.removeprefix("comm-")
-    schema = {"generate": GenerateConfig, "chat": ChatConfig}[name]
+    schema = {"generate": GenerateConfig, "chat": ChatConfig, "serve": ServeConfig}[name]
     listed = _listed(program)
     assert set(listed) == {"anchor", "augment"}
     cases = [["checkpoint=c"]] + [[f"{g}={o}", "model=anchor"] for g, names in listed.items() for o in names]
