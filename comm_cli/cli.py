@@ -157,11 +157,16 @@ def to_typed(cfg):
     except (InterpolationKeyError, InterpolationToMissingValueError) as err:
         text = str(err).splitlines()[0]
         owners = [e for e in registry.experiments() if e.section and f"'{e.section}." in text]
-        hint = (
-            f"it belongs to the {owners[0].name} experiment: add experiment={owners[0].name} (or {owners[0].section}={{}})"
-            if owners
-            else "set the key it names, or drop the preset that uses it"
-        )
+        if not owners:
+            hint = "set the key it names, or drop the preset that uses it"
+        elif owners[0].section in cfg:
+            hint = f"it belongs to the {owners[0].name} experiment: add experiment={owners[0].name} (or {owners[0].section}={{}})"
+        else:  # comm-generate, comm-chat, comm-serve: no experiment sections
+            where = err.full_key.rpartition(".")[0] or err.full_key
+            hint = (
+                f"the preset belongs to the {owners[0].name} experiment, which this command does not read: "
+                f"give {where}.name_or_path=<directory or hub id> instead"
+            )
         raise ConfigError(f"{err.full_key}: {text}: {hint}") from err
 
 

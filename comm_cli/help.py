@@ -101,6 +101,64 @@ PAGES = {
         ],
         "groups": ["anchor", "augment"],
         "added": {},
+        "standalone": True,
+        "keys": "generation.max_new_tokens=512, port=9000, device=cuda, dtype=bfloat16",
+    },
+    "comm-generate": {
+        "what": (
+            "Generate text with a saved composition (checkpoint=DIR) or a baseline\n"
+            "(model=anchor|augment|lora|full). Prompts from prompt=, prompts_file= (.txt one a line, .jsonl\n"
+            'with a "prompt" field) or stdin; one jsonl line a prompt (prompt, completion, finish_reason,\n'
+            "token counts, settings) to output=FILE or stdout. A single prompt on a terminal streams its reply\n"
+            "instead (stream=true|false to choose). The anchor's chat template poses each prompt when it has\n"
+            "one (chat_template=false: plain text; system='...' adds a system turn)."
+        ),
+        "examples": [
+            ("comm-generate checkpoint=outputs/run/composition prompt='12+7='", "one prompt, streamed"),
+            (
+                "comm-generate checkpoint=DIR prompts_file=test.jsonl output=out.jsonl batch_size=32",
+                "a file, batched",
+            ),
+            ("cat prompts.txt | comm-generate checkpoint=DIR > out.jsonl", "prompts on stdin"),
+            (
+                "comm-generate checkpoint=DIR prompt='...' bridges_off=true",
+                "the anchor alone, for comparison",
+            ),
+            (
+                "comm-generate checkpoint=DIR prompt='...' generation.do_sample=true generation.temperature=0.7 seed=1",
+                "sampling",
+            ),
+            (
+                "comm-generate checkpoint=DIR prompt='...' system='Answer briefly.'",
+                "a system turn (chat template)",
+            ),
+            ("comm-generate model=anchor anchor.name_or_path=ANCHOR prompt='...'", "a base model alone"),
+        ],  # fmt: skip
+        "groups": ["anchor", "augment"],
+        "added": {},
+        "standalone": True,  # no experiment sections: presets that name a model by themselves
+        "keys": "generation.max_new_tokens=64, device=cuda, dtype=bfloat16",
+    },
+    "comm-chat": {
+        "what": (
+            "Chat in the terminal with a saved composition (checkpoint=DIR) or a baseline, through the\n"
+            "anchor's chat template (without one: plain text, the conversation joined), replies streamed. In the chat:\n"
+            "/reset forgets the conversation, /bridges off|on switches the bridges (what the augment adds),\n"
+            "/help lists the commands; Ctrl-C stops a reply, Ctrl-D leaves. Lines piped on stdin are turns."
+        ),
+        "examples": [
+            ("comm-chat checkpoint=outputs/run/composition", "chat with a trained composition"),
+            (
+                "comm-chat checkpoint=DIR system='You are terse.' generation.max_new_tokens=512",
+                "a system turn",
+            ),
+            ("comm-chat checkpoint=DIR generation.do_sample=true generation.top_p=0.9", "sampled replies"),
+            ("comm-chat model=anchor anchor.name_or_path=ANCHOR", "the anchor alone"),
+        ],  # fmt: skip
+        "groups": ["anchor", "augment"],
+        "added": {},
+        "standalone": True,
+        "keys": "generation.max_new_tokens=512, device=cuda, dtype=bfloat16",
     },
 }
 
@@ -111,8 +169,17 @@ def accepted_groups(program: str) -> set[str]:
     return {*spec["groups"], *spec["added"]}
 
 
-def options(conf_dir: str | Path, group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))
+def options(conf_dir: str | Path, group: str, standalone: bool = False) -> list[str]:
+    """The presets of ``group``; ``standalone``: only those that name their model by themselves
+    (not through an experiment's section, ``${kv.dir}/anchor``, which the use commands lack)."""
+    from omegaconf import OmegaConf
+
+    def by_itself(path: Path) -> bool:
+        preset = OmegaConf.load(path)
+        return not any(OmegaConf.is_interpolation(preset, key) for key in preset)
+
+    paths = sorted((Path(conf_dir) / group).glob("*.yaml"))
+    return [p.stem for p in paths if not standalone or by_itself(p)]
 
 
 def page(program: str, conf_dir: str | Path) -> str:
@@ -122,12 +189,12 @@ def page(program: str, conf_dir: str | Path) -> str:
         lines += [f"  # {why}", f"  {command}"]
     lines += ["", "Config groups (GROUP=OPTION):"]
     for group in spec["groups"]:
-        lines.append(f"  {group}: {', '.join(options(conf_dir, group))}")
+        lines.append(f"  {group}: {', '.join(options(conf_dir, group, spec.get('standalone', False)))}")
     for group, how in spec["added"].items():
         lines.append(f"  {group}: {', '.join(options(conf_dir, group))}  ({how})")
     lines += [
         "",
-        "Every key can be set on the command line (optimizer.lr=3e-4, trainer.max_steps=2000, ...).",
+        f"Every key can be set on the command line ({spec.get('keys', 'optimizer.lr=3e-4, trainer.max_steps=2000')}, ...).",
         f"The full config, with every key and its value: {program} ... --cfg job",
         "Library progress bars and logs: verbose=true. Hydra's own options: --hydra-help.",
     ]

@@ -30,19 +30,25 @@ class _ConsoleFilter(logging.Filter):
         return not any(record.name == n or record.name.startswith(f"{n}.") for n in _FILE_ONLY_INFO)
 
 
-def setup_logging(log_file: Path | None = None, main_process: bool | None = None) -> None:
-    """INFO to stdout on the main process (WARNING elsewhere), plus ``log_file`` (appended, so a
-    resumed run keeps its history) on the main process. Accelerate's and DeepSpeed's INFO lines
-    go to the file only."""
+def setup_logging(
+    log_file: Path | None = None,
+    main_process: bool | None = None,
+    console=None,
+    level: int = logging.INFO,
+) -> None:
+    """``level`` (INFO) to stdout on the main process (WARNING elsewhere), plus ``log_file``
+    (appended, so a resumed run keeps its history) on the main process. Accelerate's and
+    DeepSpeed's INFO lines go to the file only. ``console``: another stream than stdout (the
+    commands whose stdout is their output, such as comm-generate's jsonl, log to stderr)."""
     main_process = is_main_process() if main_process is None else main_process
     root = logging.getLogger()
     for handler in list(root.handlers):  # Hydra's or an earlier job's
         root.removeHandler(handler)
         if getattr(handler, "_comm", False):
             handler.close()
-    root.setLevel(logging.INFO if main_process else logging.WARNING)
+    root.setLevel(level if main_process else logging.WARNING)
     fmt = logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s", "%H:%M:%S")
-    stream = logging.StreamHandler(sys.stdout)
+    stream = logging.StreamHandler(console or sys.stdout)
     stream.setFormatter(fmt)
     stream.addFilter(_ConsoleFilter())
     stream._comm = True

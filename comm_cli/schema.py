@@ -506,6 +506,10 @@ def check_use_values(cfg: UseConfig) -> None:
     check_values(cfg, USE_RULES)
 
 
+def check_generate_values(cfg: GenerateConfig) -> None:
+    check_values(cfg, USE_RULES + (("batch_size", _at_least(1), "a positive number of prompts per batch"),))
+
+
 def check_eval_values(cfg: EvalConfig) -> None:
     check_values(cfg, EVAL_RULES)
     for name, task in cfg.tasks.items():

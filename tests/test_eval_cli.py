@@ -170,7 +170,7 @@ def test_eval_errors_are_one_line(trained, tmp_path):
     )
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1].startswith("comm-eval: error:")
-    assert "is not a saved composition" in missing.stderr
+    assert f"checkpoint '{tmp_path / 'nothing'}' does not exist" in missing.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "comm_cli.eval", *eval_args(ws, tmp_path, "e2", "tasks.qa.extract=regexx")],
         cwd=tmp_path,

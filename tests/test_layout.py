@@ -47,6 +47,8 @@ PROGRAMS = (
     "comm_cli.eval",
     "comm_cli.serve",
     "comm_cli.launch",
+    "comm_cli.generate",
+    "comm_cli.chat",
     "comm_cli.evaluation.harness_cli",
     "comm_cli.experiments.*.demo",
     "comm_cli.experiments.*.seeds",

@@ -49,8 +49,6 @@ KNOWN_NEEDS = {"gpu", "hub", "network"}
 # Commands (or, for comm-lm-eval, the support for pairs with different tokenizers) that other
 # branches are adding, by branch. MARKER FOR THE LEAD: remove a name once its branch is merged.
 LANDS_WITH_BRANCH = {
-    "comm-generate": "genchat",
-    "comm-chat": "genchat",
 }
 # The README's comm-train lines run on the stand-ins with this budget appended.
 TRAIN_BUDGET = ["trainer.max_steps=30", "trainer.eval_every=15", "trainer.save_every=15"]

@@ -79,6 +79,21 @@ def test_load_with_bases_given_in_memory(saved_bases, tmp_path, make_model):
     assert torch.equal(loaded(ids).logits, composed(ids).logits)
 
 
+def test_load_in_another_dtype(saved_bases, tmp_path):
+    """from_pretrained(dtype=...) loads the bases in it (bfloat16 on a GPU) and leaves the saved
+    config as it was; the bridges keep their own dtype and the logits stay close."""
+    composed = build(*saved_bases)
+    out_dir = composed.save_pretrained(tmp_path / "c")
+    saved = (out_dir / CONFIG_NAME).read_text()
+    loaded = ComposedModel.from_pretrained(out_dir, dtype="bfloat16")
+    assert next(loaded.anchor.parameters()).dtype == torch.bfloat16
+    assert next(loaded.augments[0].parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in loaded.bridges.parameters())
+    assert loaded.config.anchor.dtype == "float32" and (out_dir / CONFIG_NAME).read_text() == saved
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.allclose(loaded(ids).logits.float(), composed(ids).logits, atol=0.1)
+
+
 def test_unknown_config_keys_warn_and_missing_ones_fail(saved_bases, tmp_path):
     composed = build(*saved_bases)
     composed.save_pretrained(tmp_path / "c")

@@ -196,10 +196,12 @@ class ComposedModel(nn.Module):
         anchor: nn.Module | None = None,
         augments: Sequence[nn.Module] | None = None,
         device: str | torch.device | None = None,
+        dtype: str | None = None,
     ) -> ComposedModel:
-        """Load a composition saved by ``save_pretrained``: the bases it names (unless given) and
-        its bridge weights. Nothing is unpickled."""
-        return load_composition(cls, directory, anchor=anchor, augments=augments, device=device)
+        """Load a composition saved by ``save_pretrained``: the bases it names (unless given; in
+        ``dtype``, e.g. "bfloat16", instead of their recorded one) and its bridge weights.
+        Nothing is unpickled."""
+        return load_composition(cls, directory, anchor=anchor, augments=augments, device=device, dtype=dtype)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the bridge weights (safetensors) and the composition config (JSON)."""

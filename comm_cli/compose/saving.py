@@ -13,6 +13,7 @@ unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -61,7 +62,12 @@ def read_composition_config(directory: str | Path) -> CompositionConfig:
     return CompositionConfig.from_dict(data)
 
 
-def load_composition(cls, directory, anchor=None, augments=None, device=None):
+def load_composition(cls, directory, anchor=None, augments=None, device=None, dtype=None):
+    """``dtype``: load the bases in it instead of the dtype each spec records (bfloat16 on a GPU)."""
+
+    def loading(spec):
+        return spec if dtype is None else dataclasses.replace(spec, dtype=dtype)
+
     directory = Path(directory)
     config = read_composition_config(directory)
     weights_path = directory / WEIGHTS_NAME
@@ -70,10 +76,10 @@ def load_composition(cls, directory, anchor=None, augments=None, device=None):
     if anchor is None or augments is None:
         check_config(config)
         if anchor is None:
-            anchor = load_causal_lm(config.anchor, "anchor model", device)
+            anchor = load_causal_lm(loading(config.anchor), "anchor model", device)
         if augments is None:
             augments = [
-                load_augment_model(spec.model, f"augmenting model {i}", device)
+                load_augment_model(loading(spec.model), f"augmenting model {i}", device)
                 for i, spec in enumerate(config.augments)
             ]
     model = cls(anchor, list(augments), config)

@@ -73,6 +73,18 @@ def overrides_from_run(argv: list[str]) -> list[str]:
     return out
 
 
+def with_the_runs_bos(argv: list[str]) -> list[str]:
+    """The command line of a command that uses a trained run (comm-generate, comm-chat,
+    comm-serve; their ``argv_hook``): a plain prompt starts as the run's training examples did,
+    with or without bos (its ``data.add_bos``), unless the command line sets ``add_bos``."""
+    checkpoint = _value_of(argv, "checkpoint")
+    run = run_config_of(checkpoint) if checkpoint else None
+    if run is None or _touches(argv, ("add_bos",)):
+        return argv
+    add_bos = (run.get("data") or {}).get("add_bos")
+    return argv if add_bos is None else [f"add_bos={hydra_value(add_bos)}", *argv]
+
+
 # How a run read its examples: your evaluation file is read the same way unless you say otherwise.
 READING = ("format", "prompt_field", "completion_field", "text_field", "max_length", "add_bos", "add_eos")
 

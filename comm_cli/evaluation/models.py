@@ -83,7 +83,10 @@ class EvalModel:
             )
         else:
             if generation.do_sample:
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+                # the generator may live on the GPU: draw the seed there
+                where = generator.device if generator is not None else None
+                seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=where)
+                torch.manual_seed(int(seed))
             if stopping is not None:
                 from transformers import StoppingCriteriaList
 
@@ -107,6 +110,79 @@ def _spec_with(spec: ModelSpec, dtype: str | None) -> ModelSpec:
     return dataclasses.replace(spec, dtype=dtype)
 
 
+def choose_device(name: str | None) -> torch.device:
+    """``device=`` of comm-eval and the use commands, checked before anything loads: None is cuda
+    when this machine has a GPU, else cpu; a mistyped device, or a GPU this machine lacks, is one
+    line (not torch's traceback from deep inside the first ``.to``)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"device={name} is not a device: give cpu, cuda, cuda:N or mps (or leave it unset: cuda when there is one)"
+        ) from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"device={name} but torch sees no CUDA GPU on this machine: give device=cpu, or leave device unset"
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"device={name} but this machine has {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"device={name} but MPS is not available here: give device=cpu, or leave device unset"
+        )
+    return device
+
+
+def check_model_choice(cfg) -> None:
+    """What the config says about the model, checked before anything loads (comm-eval and the use
+    commands): a composition's checkpoint and the base models it names, a baseline's base model,
+    a LoRA or fine-tuned run's directory. Each problem is one line naming the fix."""
+    from comm_cli.compose.saving import CONFIG_NAME, WEIGHTS_NAME
+
+    if cfg.model == "calm":
+        if not cfg.checkpoint:
+            raise ConfigError("model=calm needs checkpoint=<directory of a saved composition>")
+        if not Path(cfg.checkpoint).expanduser().exists():
+            raise ModelLoadError(
+                f"checkpoint '{cfg.checkpoint}' does not exist: give the directory comm-train saved "
+                "(outputs/NAME/composition) or one written by save_pretrained"
+            )
+        composition = read_composition_config(cfg.checkpoint)  # one line when missing or damaged
+        if not (Path(cfg.checkpoint) / WEIGHTS_NAME).is_file():
+            raise ModelLoadError(
+                f"'{cfg.checkpoint}' has no {WEIGHTS_NAME}: the composition was not saved completely"
+            )
+        bases = [("anchor", composition.anchor)]
+        bases += [(f"augmenting model {i}", a.model) for i, a in enumerate(composition.augments)]
+        for what, spec in bases:
+            name = spec.name_or_path
+            local = Path(name).expanduser().is_absolute() or name.startswith((".", "~"))
+            if local and not Path(name).expanduser().exists():
+                raise ModelLoadError(
+                    f"the composition in '{cfg.checkpoint}' names its {what} '{name}', which is not there: put "
+                    f"the model back, or set its name_or_path in {Path(cfg.checkpoint) / CONFIG_NAME} to "
+                    "where it is now"
+                )
+    if cfg.model in ("anchor", "augment", "lora"):
+        which = "augment" if cfg.model == "augment" else "anchor"
+        if getattr(cfg, which).name_or_path is None:
+            raise ConfigError(
+                f"model={cfg.model} needs the {which}: give {which}.name_or_path=<hub id or directory> "
+                f"(or a preset, {which}=NAME)"
+            )
+    if cfg.model in ("lora", "full") and (not cfg.checkpoint or not Path(cfg.checkpoint).is_dir()):
+        raise ModelLoadError(
+            f"model={cfg.model} needs checkpoint=<directory written by comm-train method={cfg.model}>, "
+            f"got {cfg.checkpoint}"
+        )
+
+
 def load_eval_model(cfg, device: torch.device) -> EvalModel:
     kind = cfg.model
     if kind not in MODELS:
@@ -115,7 +191,7 @@ def load_eval_model(cfg, device: torch.device) -> EvalModel:
         if not cfg.checkpoint:
             raise ConfigError("model=calm needs checkpoint=<directory of a saved composition>")
         composition = read_composition_config(cfg.checkpoint)
-        model = ComposedModel.from_pretrained(cfg.checkpoint, device=device)
+        model = ComposedModel.from_pretrained(cfg.checkpoint, device=device, dtype=cfg.dtype)
         return EvalModel(
             kind, model.eval(), composition.anchor.name_or_path, str(cfg.checkpoint), composition.anchor
         )

