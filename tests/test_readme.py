@@ -18,10 +18,6 @@ Those runs are slow (minutes); the fast tests check every comm command line with
 a Hydra command's overrides compose against its schema (every key exists, every value has its
 type), comm-launch's and comm-config's names are shipped configs, comm-lm-eval's arguments parse
 with lm-eval's own parser and its ``--model_args`` are CommLM's.
-
-Commands whose programs other branches are adding are in ``LANDS_WITH_BRANCH``: their lines are
-skipped when run as written (their lines still compose); the lead removes each name once its
-branch is merged.
 """
 
 from __future__ import annotations
@@ -48,8 +44,6 @@ NEEDS = re.compile(r"#\s*needs:\s*([\w, ]+)\s*$")
 KNOWN_NEEDS = {"gpu", "hub", "network"}
 # Commands (or, for comm-lm-eval, the support for pairs with different tokenizers) that other
 # branches are adding, by branch. MARKER FOR THE LEAD: remove a name once its branch is merged.
-LANDS_WITH_BRANCH = {
-}
 # The README's comm-train lines run on the stand-ins with this budget appended.
 TRAIN_BUDGET = ["trainer.max_steps=30", "trainer.eval_every=15", "trainer.save_every=15"]
 # A command kept as it was run for a measurement, on the settings of its day: not checked.
@@ -159,7 +153,7 @@ DOCS_CASES = [
 
 
 def test_the_readme_names_only_commands_comm_has_or_is_adding():
-    known = set(project_scripts()) | set(LANDS_WITH_BRANCH)
+    known = set(project_scripts())
     named = {case.command for case in CASES if case.kind == "bash"}
     assert named <= known, f"commands the README names that comm does not have: {sorted(named - known)}"
     assert {"comm-train", "comm-eval"} <= named
@@ -258,7 +252,7 @@ def test_every_readme_command_line_parses(case: Case):
             "a line with elided parts, the user's own config files, or a past run's command as it was run"
         )
     if "--help" in words or "-h" in words:
-        assert program in set(project_scripts()) | set(LANDS_WITH_BRANCH)
+        assert program in set(project_scripts())
     elif program == "comm-launch":
         name, overrides = launch_parts(words)
         assert (Path(config_dir()) / "accelerate" / f"{name}.yaml").is_file(), f"no launch config {name}"
@@ -430,13 +424,6 @@ def _marks(case: Case) -> list:
     marks = [pytest.mark.slow]
     if case.needs:
         marks.append(pytest.mark.skip(reason=f"needs {', '.join(case.needs)} (marked in the README)"))
-    elif case.command in LANDS_WITH_BRANCH:
-        marks.append(
-            pytest.mark.skip(
-                reason=f"{case.command} lands with branch {LANDS_WITH_BRANCH[case.command]}: "
-                "remove it from LANDS_WITH_BRANCH once merged"
-            )
-        )
     return marks
 
 
