@@ -289,11 +289,28 @@ def _moved_base(made, tmp_path) -> Path:
     return moved
 
 
+def test_a_moved_anchor_named_on_the_command_line_is_used(made, tmp_path, capsys):
+    from comm_cli.generate import main as generate_main
+    from tests.helpers import run_in_process
+
+    moved = _moved_base(made, tmp_path)
+    where = made["shared"].parent / "anchor"
+    assert (
+        run_in_process(
+            generate_main,
+            "comm-generate",
+            [f"checkpoint={moved}", "prompt=hi", f"anchor.name_or_path={where}"],
+        )
+        == 0
+    )
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
         ("missing checkpoint", "checkpoint '{tmp}/nowhere' does not exist"),
-        ("moved base", "names its anchor '{tmp}/where_the_anchor_was', which is not there"),
+        ("moved base", "the anchor '{tmp}/where_the_anchor_was' of the composition in"),
+        ("base that does not fit", "is out of range: the model has 3 layers"),
         ("empty prompt file", "prompts_file '{tmp}/empty.txt' holds no prompts"),
         ("no prompt file", "prompts_file '{tmp}/absent.txt' does not exist"),
         ("terminal on stdin", "no prompt: give prompt="),
@@ -310,6 +327,7 @@ def test_each_mistake_is_one_line_and_exit_2(made, tmp_path, capsys, monkeypatch
     args = {
         "missing checkpoint": [f"checkpoint={tmp_path / 'nowhere'}", prompt],
         "moved base": [f"checkpoint={_moved_base(made, tmp_path)}", prompt],
+        "base that does not fit": [ckpt, prompt, f"anchor.name_or_path={made['shared'].parent / 'same'}"],
         "empty prompt file": [ckpt, f"prompts_file={tmp_path / 'empty.txt'}"],
         "no prompt file": [ckpt, f"prompts_file={tmp_path / 'absent.txt'}"],
         "terminal on stdin": [ckpt],

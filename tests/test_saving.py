@@ -144,3 +144,27 @@ def test_from_config_loads_the_named_bases(saved_bases):
     composed = ComposedModel.from_config(config)
     assert [c[1:] for c in composed.bridge_connections] == [(1, 1), (3, 3)]
     assert composed.bridges[0].num_heads == 6
+
+
+def test_a_base_of_another_width_is_refused_before_it_loads(tmp_path):
+    """Bases named at a new place must fit the saved bridges: checked from configs and the
+    weights header (comm-eval/comm-generate anchor.name_or_path=... on a composition)."""
+    from comm_cli.compose import BridgeConfig, ComposedModel, MappingSpec
+    from comm_cli.compose.saving import check_bases_fit, read_composition_config, with_bases_at
+    from comm_cli.errors import ModelLoadError
+    from tests.conftest import tiny_model
+
+    for name, width in (("anchor", 48), ("wider", 64)):
+        tiny_model("llama", width=width, layers=4).save_pretrained(tmp_path / name)
+    tiny_model("gpt2", seed=1, width=32, layers=4).save_pretrained(tmp_path / "augment")
+    from transformers import AutoModelForCausalLM
+
+    bases = [AutoModelForCausalLM.from_pretrained(tmp_path / n) for n in ("anchor", "augment")]
+    model = ComposedModel.from_models(*bases, MappingSpec(every=2), BridgeConfig(num_heads=4))
+    model.config.anchor.name_or_path = str(tmp_path / "anchor")
+    model.config.augments[0].model.name_or_path = str(tmp_path / "augment")
+    saved = model.save_pretrained(tmp_path / "c")
+    config = read_composition_config(saved)
+    check_bases_fit(saved, with_bases_at(config, str(tmp_path / "anchor")))  # the same width: fine
+    with pytest.raises(ModelLoadError, match="is 64 wide, but the bridges in .* on a 48-wide one"):
+        check_bases_fit(saved, with_bases_at(config, str(tmp_path / "wider")))

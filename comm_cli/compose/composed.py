@@ -197,11 +197,17 @@ class ComposedModel(nn.Module):
         augments: Sequence[nn.Module] | None = None,
         device: str | torch.device | None = None,
         dtype: str | None = None,
+        anchor_at: str | None = None,
+        augments_at: Sequence[str | None] = (),
     ) -> ComposedModel:
         """Load a composition saved by ``save_pretrained``: the bases it names (unless given; in
-        ``dtype``, e.g. "bfloat16", instead of their recorded one) and its bridge weights.
+        ``dtype``, e.g. "bfloat16", instead of their recorded one; from ``anchor_at`` /
+        ``augments_at`` when they have moved, checked to fit first) and its bridge weights.
         Nothing is unpickled."""
-        return load_composition(cls, directory, anchor=anchor, augments=augments, device=device, dtype=dtype)
+        return load_composition(
+            cls, directory, anchor=anchor, augments=augments, device=device, dtype=dtype,
+            anchor_at=anchor_at, augments_at=augments_at,
+        )  # fmt: skip
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the bridge weights (safetensors) and the composition config (JSON)."""

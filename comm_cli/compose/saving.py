@@ -62,8 +62,61 @@ def read_composition_config(directory: str | Path) -> CompositionConfig:
     return CompositionConfig.from_dict(data)
 
 
-def load_composition(cls, directory, anchor=None, augments=None, device=None, dtype=None):
-    """``dtype``: load the bases in it instead of the dtype each spec records (bfloat16 on a GPU)."""
+def with_bases_at(config: CompositionConfig, anchor: str | None = None, augments=()) -> CompositionConfig:
+    """The composition with its bases read from other places (moved or copied models): ``anchor``
+    and ``augments[i]`` replace the recorded ``name_or_path`` where given (their tokenizers come
+    from there too, unless the spec names a tokenizer elsewhere)."""
+
+    def moved(spec, path):
+        if not path or path == spec.name_or_path:
+            return spec
+        tokenizer = None if spec.tokenizer in (None, spec.name_or_path) else spec.tokenizer
+        return dataclasses.replace(spec, name_or_path=path, tokenizer=tokenizer)
+
+    config = dataclasses.replace(config, anchor=moved(config.anchor, anchor))
+    config.augments = [
+        dataclasses.replace(spec, model=moved(spec.model, augments[i] if i < len(augments) else None))
+        for i, spec in enumerate(config.augments)
+    ]
+    return config
+
+
+def check_bases_fit(directory: str | Path, config: CompositionConfig) -> None:
+    """That the bases ``config`` names fit the bridges saved in ``directory``, from the model
+    configs and the weights file's header alone (nothing large loads): each connection's layers
+    exist, and the widths are the ones the bridges were trained between."""
+    from safetensors import safe_open
+
+    from comm_cli.compose.blocks import hidden_size
+    from comm_cli.compose.loading import load_model_config
+
+    check_config(config)
+    with safe_open(str(Path(directory) / WEIGHTS_NAME), "pt") as weights:
+        shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}  # noqa: SIM118
+    first_bridge = 0
+    for index, spec in enumerate(config.augments):
+        proj = shapes.get(f"bridges.{first_bridge}.proj.weight")
+        first_bridge += len(spec.connections or [])
+        if proj is None:
+            continue
+        anchor_width = hidden_size(load_model_config(config.anchor, "anchor model"))
+        augment_width = hidden_size(load_model_config(spec.model, f"augmenting model {index}"))
+        for what, name, have, need in (
+            ("anchor", config.anchor.name_or_path, anchor_width, proj[0]),
+            (f"augmenting model {index}", spec.model.name_or_path, augment_width, proj[1]),
+        ):
+            if have != need:
+                raise ModelLoadError(
+                    f"the {what} '{name}' is {have} wide, but the bridges in '{directory}' were trained "
+                    f"on a {need}-wide one: give the model the composition was trained with"
+                )
+
+
+def load_composition(cls, directory, anchor=None, augments=None, device=None, dtype=None, anchor_at=None,
+                     augments_at=()):  # fmt: skip
+    """``dtype``: load the bases in it instead of the dtype each spec records (bfloat16 on a GPU).
+    ``anchor_at`` / ``augments_at``: where the bases are now, when not where the config says
+    (checked to fit the bridges before they load)."""
 
     def loading(spec):
         return spec if dtype is None else dataclasses.replace(spec, dtype=dtype)
@@ -73,6 +126,9 @@ def load_composition(cls, directory, anchor=None, augments=None, device=None, dt
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
         raise ModelLoadError(f"'{directory}' has no {WEIGHTS_NAME}: the composition was not saved completely")
+    if anchor_at or any(augments_at):
+        config = with_bases_at(config, anchor_at, augments_at)
+        check_bases_fit(directory, config)
     if anchor is None or augments is None:
         check_config(config)
         if anchor is None:

@@ -139,11 +139,30 @@ def choose_device(name: str | None) -> torch.device:
     return device
 
 
+def _same_place(given: str, recorded: str) -> bool:
+    if given == recorded:
+        return True
+    a, b = Path(given).expanduser(), Path(recorded).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def bases_moved(cfg, composition) -> tuple[str | None, list[str | None]]:
+    """The bases a command names for a composition (``anchor.name_or_path``,
+    ``augment.name_or_path`` for its first augment) where they differ from the recorded ones:
+    the models have moved, or another copy is to be used."""
+    anchor = getattr(cfg.anchor, "name_or_path", None)
+    augment = getattr(getattr(cfg, "augment", None), "name_or_path", None)
+    anchor_at = anchor if anchor and not _same_place(anchor, composition.anchor.name_or_path) else None
+    first = composition.augments[0].model.name_or_path
+    augment_at = augment if augment and not _same_place(augment, first) else None
+    return anchor_at, [augment_at]
+
+
 def check_model_choice(cfg) -> None:
     """What the config says about the model, checked before anything loads (comm-eval and the use
     commands): a composition's checkpoint and the base models it names, a baseline's base model,
     a LoRA or fine-tuned run's directory. Each problem is one line naming the fix."""
-    from comm_cli.compose.saving import CONFIG_NAME, WEIGHTS_NAME
+    from comm_cli.compose.saving import CONFIG_NAME, WEIGHTS_NAME, check_bases_fit, with_bases_at
 
     if cfg.model == "calm":
         if not cfg.checkpoint:
@@ -158,17 +177,21 @@ def check_model_choice(cfg) -> None:
             raise ModelLoadError(
                 f"'{cfg.checkpoint}' has no {WEIGHTS_NAME}: the composition was not saved completely"
             )
-        bases = [("anchor", composition.anchor)]
-        bases += [(f"augmenting model {i}", a.model) for i, a in enumerate(composition.augments)]
-        for what, spec in bases:
+        anchor_at, augments_at = bases_moved(cfg, composition)
+        moved = anchor_at or any(augments_at)
+        composition = with_bases_at(composition, anchor_at, augments_at) if moved else composition
+        bases = [("anchor", "anchor", composition.anchor)]
+        bases += [(f"augmenting model {i}", "augment", a.model) for i, a in enumerate(composition.augments)]
+        for what, key, spec in bases:
             name = spec.name_or_path
             local = Path(name).expanduser().is_absolute() or name.startswith((".", "~"))
             if local and not Path(name).expanduser().exists():
                 raise ModelLoadError(
-                    f"the composition in '{cfg.checkpoint}' names its {what} '{name}', which is not there: put "
-                    f"the model back, or set its name_or_path in {Path(cfg.checkpoint) / CONFIG_NAME} to "
-                    "where it is now"
+                    f"the {what} '{name}' of the composition in '{cfg.checkpoint}' is not there: give "
+                    f"{key}.name_or_path=<where it is now> (or set it in {Path(cfg.checkpoint) / CONFIG_NAME})"
                 )
+        if moved:  # bases named on the command line must fit the saved bridges
+            check_bases_fit(cfg.checkpoint, composition)
     if cfg.model in ("anchor", "augment", "lora"):
         which = "augment" if cfg.model == "augment" else "anchor"
         if getattr(cfg, which).name_or_path is None:
@@ -190,11 +213,12 @@ def load_eval_model(cfg, device: torch.device) -> EvalModel:
     if kind == "calm":
         if not cfg.checkpoint:
             raise ConfigError("model=calm needs checkpoint=<directory of a saved composition>")
-        composition = read_composition_config(cfg.checkpoint)
-        model = ComposedModel.from_pretrained(cfg.checkpoint, device=device, dtype=cfg.dtype)
-        return EvalModel(
-            kind, model.eval(), composition.anchor.name_or_path, str(cfg.checkpoint), composition.anchor
+        anchor_at, augments_at = bases_moved(cfg, read_composition_config(cfg.checkpoint))
+        model = ComposedModel.from_pretrained(
+            cfg.checkpoint, device=device, dtype=cfg.dtype, anchor_at=anchor_at, augments_at=augments_at
         )
+        anchor = model.config.anchor
+        return EvalModel(kind, model.eval(), anchor.name_or_path, str(cfg.checkpoint), anchor)
     if kind in ("anchor", "augment"):
         spec = _spec_with(cfg.anchor if kind == "anchor" else cfg.augment, cfg.dtype)
         model = load_causal_lm(spec, f"{kind} model", device)
