@@ -8,12 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import statistics
 from collections.abc import Iterator
 
 
 def derive_seed(seed: int, name: str) -> int:
     """A separate, stable seed per component, so changing one part does not shift another's draws."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "big") % (2**31)
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    """Mean, minimum, maximum and (sample) standard deviation of fractions (``n``: how many), as the
+    seed tables (`make demo-seeds`, `make demo-real-seeds`) print them."""
+    return {
+        "mean": statistics.fmean(values),
+        "min": min(values),
+        "max": max(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

@@ -29,6 +29,7 @@ from comm_cli.experiments.kv_arithmetic.demo import (
     base_overrides,
     prepare_specialists,
 )
+from comm_cli.experiments.shared import stats
 
 HELDOUT = "kv_arithmetic_heldout"
 CONTROLS = ("m_A alone", "m_B alone", "LoRA on m_B", "CALM, random m_A")
@@ -38,17 +39,6 @@ SPECIALIST_METRICS = (
     ("anchor", "arithmetic"),
     ("anchor", "arithmetic_after_kv_prefix"),
 )
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    """Mean, minimum, maximum and (sample) standard deviation of fractions."""
-    return {
-        "mean": statistics.fmean(values),
-        "min": min(values),
-        "max": max(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
 
 
 def summarise(tables: dict[int, dict], manifests: dict[int, dict]) -> dict:
