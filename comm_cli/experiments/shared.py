@@ -29,6 +29,38 @@ def stats(values: list[float]) -> dict[str, float]:
     }
 
 
+def measured_on(job_seconds: dict[str, float], seconds: float, workers: int, threads: int) -> dict:
+    """Where and how a table was measured, for its JSON: each job's seconds, the whole time,
+    workers x threads, the machine and the date (UTC)."""
+    import os
+    import platform
+    from datetime import datetime, timezone
+
+    return {
+        "job_seconds": {k: round(v, 1) for k, v in job_seconds.items()},
+        "seconds": round(seconds, 1),
+        "workers": workers,
+        "threads_per_worker": threads,
+        "cpu_count": os.cpu_count(),
+        "machine": f"{platform.machine()}, {platform.processor() or platform.platform()}",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_seeds_table(root, summary: dict, report: str) -> None:
+    """``<root>/seeds.json`` (written whole or not at all), then the printed report."""
+    import json
+    from pathlib import Path
+
+    from comm_cli.atomic import atomic_write_text
+
+    path = Path(root) / "seeds.json"
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+    print()
+    print(report)
+    print(f"[seeds] {summary['seconds']:.0f} s in all; written to {path}")
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """A plain-text table of ``rows``: the system name, ``columns`` as percentages (n/a for None)
     and the trainable parameter count, in aligned columns under a rule."""

@@ -16,11 +16,7 @@ skill within 2 points with the bridges on). It writes ``<output_root>/seeds.json
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from comm_cli.experiments.real_facts.demo import (
@@ -30,7 +26,7 @@ from comm_cli.experiments.real_facts.demo import (
     prepare_bases,
     run_tables,
 )
-from comm_cli.experiments.shared import stats
+from comm_cli.experiments.shared import measured_on, stats, write_seeds_table
 
 COLUMNS = ("one_hop_heldout", "two_hop_heldout")
 CONTROLS = (
@@ -175,22 +171,10 @@ def main(argv: list[str] | None = None) -> None:
             "bases": {s: t.bases.describe() for s, t in tables.items()},
             "lora_best": {s: t.best_lora() for s, t in tables.items()},
             "build_seconds": build_seconds,
-            "job_seconds": {k: round(v, 1) for k, v in runner.seconds.items()},
-            "seconds": round(time.perf_counter() - start, 1),
-            "workers": args.workers,
-            "threads_per_worker": args.threads,
-            "cpu_count": os.cpu_count(),
-            "machine": f"{platform.machine()}, {platform.processor() or platform.platform()}",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **measured_on(runner.seconds, time.perf_counter() - start, args.workers, args.threads),
         }
     )
-    from comm_cli.atomic import atomic_write_text
-
-    path = root / "seeds.json"
-    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
-    print()
-    print(format_report(summary))
-    print(f"[seeds] {summary['seconds']:.0f} s in all; written to {path}")
+    write_seeds_table(root, summary, format_report(summary))
 
 
 if __name__ == "__main__":
