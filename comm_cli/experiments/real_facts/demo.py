@@ -12,7 +12,8 @@
 4. the table, printed and written to <output_root>/table.json, and the attention pictures.
 
 Every training and evaluation is a plain `comm-train` / `comm-eval` run (logs under
-<output_root>/logs/), run --workers at a time with --threads threads each.
+<output_root>/logs/), run --workers at a time with --threads threads each. ``seeds.py`` runs the
+same table over several builds of the bases and CALM seeds (`make demo-real-seeds`).
 
     make demo-real                                          # scripts/real_facts_demo.py
     python scripts/real_facts_demo.py --calm-seeds 0,1,2    # CALM over three training seeds
