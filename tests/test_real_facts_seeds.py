@@ -105,7 +105,7 @@ def test_smoke_seeds_run_writes_seeds_json(tmp_path):
     ]  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "real_facts_seeds.py"), *args],
-        cwd=tmp_path, env=cli_env(cache_dir=tmp_path / "cache"), capture_output=True, text=True, timeout=1500,
+        cwd=tmp_path, env=cli_env(cache_dir=tmp_path / "cache"), capture_output=True, text=True, timeout=2400,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     seeds = json.loads((out / "seeds.json").read_text())
