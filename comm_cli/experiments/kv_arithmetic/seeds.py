@@ -15,11 +15,8 @@ anchor's arithmetic after key-shaped prefixes) beside its CALM results. It write
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from datetime import date
 from pathlib import Path
 
 from comm_cli.experiments.jobs import Runner
@@ -29,6 +26,7 @@ from comm_cli.experiments.kv_arithmetic.demo import (
     base_overrides,
     prepare_specialists,
 )
+from comm_cli.experiments.shared import measured_on, stats, write_seeds_table
 
 HELDOUT = "kv_arithmetic_heldout"
 CONTROLS = ("m_A alone", "m_B alone", "LoRA on m_B", "CALM, random m_A")
@@ -38,17 +36,6 @@ SPECIALIST_METRICS = (
     ("anchor", "arithmetic"),
     ("anchor", "arithmetic_after_kv_prefix"),
 )
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    """Mean, minimum, maximum and (sample) standard deviation of fractions."""
-    return {
-        "mean": statistics.fmean(values),
-        "min": min(values),
-        "max": max(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
 
 
 def summarise(tables: dict[int, dict], manifests: dict[int, dict]) -> dict:
@@ -189,22 +176,11 @@ def main() -> None:
             "specialist_seeds": specialist_seeds,
             "calm_seeds": list(calm_seeds),
             "build_seconds": build_seconds,
-            "job_seconds": {k: round(v, 1) for k, v in runner.seconds.items()},
-            "seconds": round(time.perf_counter() - start, 1),
-            "workers": args.workers,
-            "threads_per_worker": args.threads,
-            "machine": f"{platform.machine()}, {platform.processor() or platform.platform()}",
-            "date": date.today().isoformat(),
+            **measured_on(runner.seconds, time.perf_counter() - start, args.workers, args.threads),
             "fast": args.fast,
         }
     )
-    from comm_cli.atomic import atomic_write_text
-
-    path = root / "seeds.json"
-    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
-    print()
-    print(format_report(summary))
-    print(f"[seeds] {summary['seconds']:.0f} s in all; written to {path}")
+    write_seeds_table(root, summary, format_report(summary))
 
 
 if __name__ == "__main__":
