@@ -505,11 +505,45 @@ def run(setting: Setting, experiment: str, specialist_seed: int, calm_seed: int,
     log(**final)
 
 
+def summarise(path: Path) -> list[dict]:
+    """One row per finished run of a study log: steps to 50% held-out, final numbers."""
+    rows = []
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["event"] != "final":
+            continue
+        row = {k: entry.get(k) for k in ("setting", "specialist_seed", "calm_seed", "steps", "first_step_50")}
+        row["heldout_tf"] = entry["heldout_first"] if "one_hop" in entry else entry["heldout_exact"]
+        for key in ("one_hop", "two_hop", "skill_bridges_on", "kv_arithmetic_heldout"):
+            if key in entry:
+                row[key] = entry[key]
+        rows.append(row)
+    return rows
+
+
+def print_summary(path: Path) -> None:
+    rows = summarise(path)
+    if not rows:
+        print(f"no finished run in {path}")
+        return
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    print(" | ".join(columns))
+    for row in rows:
+        print(
+            " | ".join(
+                f"{row.get(c):.3f}" if isinstance(row.get(c), float) else str(row.get(c)) for c in columns
+            )
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--experiment", required=True, help="real_facts, kv_arithmetic (or a variant)")
+    parser.add_argument("--experiment", help="real_facts, kv_arithmetic (or a variant)")
+    parser.add_argument(
+        "--summarise", metavar="JSONL", help="print the finished runs of a study log and exit"
+    )
     parser.add_argument("--override", action="append", default=[], help="for every run (repeatable)")
     parser.add_argument("--settings", default="base", help="comma-separated names of SETTINGS")
     parser.add_argument("--setting", action="append", default=[], help="NAME:override;override (repeatable)")
@@ -529,6 +563,11 @@ def main(argv=None):
     )
     parser.add_argument("--out", default="/work/runs/plateau/study.jsonl")
     args = parser.parse_args(argv)
+    if args.summarise:
+        print_summary(Path(args.summarise))
+        return
+    if not args.experiment:
+        parser.error("--experiment is required")
     torch.set_num_threads(args.threads)
     default_n = 200 if kind_of(args.experiment) == "real_facts" else 500
     args.eval_examples = args.eval_examples or default_n
