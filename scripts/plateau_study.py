@@ -111,8 +111,8 @@ class Bases:
     def __init__(
         self, experiment: str, specialist_seed: int, data_seed: int, cfg, cache_root: Path, eval_examples: int
     ):
+        from comm_cli.compose.loading import load_tokenizer
         from comm_cli.data.build import raw_splits, tokenized_splits
-        from comm_cli.training.models import load_tokenizer
 
         self.experiment, self.specialist_seed = kind_of(experiment), specialist_seed
         self.tokenizer = load_tokenizer(cfg.anchor.name_or_path, cfg.anchor)
@@ -215,7 +215,7 @@ class Bases:
 
 
 def collate(bases: Bases, rows, caches, split: str) -> dict:
-    from comm_cli.data.collate import CompletionCollator
+    from comm_cli.compose.encoding import CompletionCollator
 
     collator = CompletionCollator(bases.tokenizer.pad_token_id, padding_side="right")
     batch = collator(rows)
