@@ -111,8 +111,8 @@ class Bases:
     def __init__(
         self, experiment: str, specialist_seed: int, data_seed: int, cfg, cache_root: Path, eval_examples: int
     ):
+        from comm_cli.compose.loading import load_tokenizer
         from comm_cli.data.build import raw_splits, tokenized_splits
-        from comm_cli.training.models import load_tokenizer
 
         self.experiment, self.specialist_seed = kind_of(experiment), specialist_seed
         self.tokenizer = load_tokenizer(cfg.anchor.name_or_path, cfg.anchor)
@@ -215,7 +215,7 @@ class Bases:
 
 
 def collate(bases: Bases, rows, caches, split: str) -> dict:
-    from comm_cli.data.collate import CompletionCollator
+    from comm_cli.compose.encoding import CompletionCollator
 
     collator = CompletionCollator(bases.tokenizer.pad_token_id, padding_side="right")
     batch = collator(rows)
@@ -409,8 +409,10 @@ def run(setting: Setting, experiment: str, specialist_seed: int, calm_seed: int,
         overrides.append(f"trainer.max_steps={args.steps}")
     cfg = compose(experiment, specialist_seed, overrides)
     # the recipe draws real-facts questions with data.facts.seed=0 (the demo's), key-value
-    # expressions with the training seed
+    # expressions with the training seed (unless --data-seed fixes them: one cache, init seeds vary)
     data_seed = 0 if kind_of(experiment) == "real_facts" else calm_seed
+    if args.data_seed is not None:
+        data_seed = args.data_seed
     if (specialist_seed, data_seed) not in bases_by_seed:
         bases_by_seed.clear()  # one build's rows in memory at a time
         bases_by_seed[(specialist_seed, data_seed)] = Bases(
@@ -452,12 +454,13 @@ def run(setting: Setting, experiment: str, specialist_seed: int, calm_seed: int,
         log(**entry)
         return scores
 
-    first_50 = None
+    first_50 = first_50_exact = None
     scores = evaluate(0, [], None, None)
     window: list[float] = []
     order: list[int] = []
     epoch = 0
-    for step in range(1, total + 1):
+    last = min(total, args.stop_after) if args.stop_after else total
+    for step in range(1, last + 1):
         if not order:
             generator = torch.Generator().manual_seed(calm_seed * 100_003 + epoch)
             order = torch.randperm(len(bases.train), generator=generator).tolist()[
@@ -467,7 +470,7 @@ def run(setting: Setting, experiment: str, specialist_seed: int, calm_seed: int,
         rows = [bases.train[i] for i in order[:batch_size]]
         del order[:batch_size]
         batch = collate(bases, rows, caches, "train")
-        measure = step % args.eval_every == 0 or step == total
+        measure = step % args.eval_every == 0 or step == last
         tokens = (batch["labels"][:, 1:] != -100).sum()
         probe = BridgeProbe(model) if measure else None
         if probe is not None:
@@ -496,7 +499,9 @@ def run(setting: Setting, experiment: str, specialist_seed: int, calm_seed: int,
             window = []
             if first_50 is None and scores["heldout_first"] >= 0.5:
                 first_50 = step
-    final = dict(event="final", **common, steps=total, first_step_50=first_50,
+            if first_50_exact is None and scores["heldout_exact"] >= 0.5:
+                first_50_exact = step
+    final = dict(event="final", **common, steps=last, schedule_steps=total, first_step_50=first_50, first_step_50_exact=first_50_exact,
                  heldout_first=scores["heldout_first"], heldout_exact=scores["heldout_exact"],
                  train_seconds=round(time.time() - started, 1))  # fmt: skip
     if args.greedy:
@@ -505,11 +510,55 @@ def run(setting: Setting, experiment: str, specialist_seed: int, calm_seed: int,
     log(**final)
 
 
+def summarise(path: Path) -> list[dict]:
+    """One row per finished run of a study log: steps to 50% held-out, final numbers."""
+    rows = []
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["event"] != "final":
+            continue
+        row = {
+            k: entry.get(k)
+            for k in (
+                "setting",
+                "specialist_seed",
+                "calm_seed",
+                "steps",
+                "first_step_50",
+                "first_step_50_exact",
+            )
+        }
+        row["heldout_tf"] = entry["heldout_first"] if "one_hop" in entry else entry["heldout_exact"]
+        for key in ("one_hop", "two_hop", "skill_bridges_on", "kv_arithmetic_heldout"):
+            if key in entry:
+                row[key] = entry[key]
+        rows.append(row)
+    return rows
+
+
+def print_summary(path: Path) -> None:
+    rows = summarise(path)
+    if not rows:
+        print(f"no finished run in {path}")
+        return
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    print(" | ".join(columns))
+    for row in rows:
+        print(
+            " | ".join(
+                f"{row.get(c):.3f}" if isinstance(row.get(c), float) else str(row.get(c)) for c in columns
+            )
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--experiment", required=True, help="real_facts, kv_arithmetic (or a variant)")
+    parser.add_argument("--experiment", help="real_facts, kv_arithmetic (or a variant)")
+    parser.add_argument(
+        "--summarise", metavar="JSONL", help="print the finished runs of a study log and exit"
+    )
     parser.add_argument("--override", action="append", default=[], help="for every run (repeatable)")
     parser.add_argument("--settings", default="base", help="comma-separated names of SETTINGS")
     parser.add_argument("--setting", action="append", default=[], help="NAME:override;override (repeatable)")
@@ -517,6 +566,18 @@ def main(argv=None):
     parser.add_argument("--calm-seeds", default="0")
     parser.add_argument(
         "--steps", type=int, default=None, help="trainer.max_steps (default: the experiment's)"
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after N steps of the full schedule (a probe of the early phase; its greedy scores are the stopped model's)",
+    )
+    parser.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="key-value: draw the training expressions with this seed for every CALM seed (default: the CALM seed, as the recipe)",
     )
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument(
@@ -529,6 +590,11 @@ def main(argv=None):
     )
     parser.add_argument("--out", default="/work/runs/plateau/study.jsonl")
     args = parser.parse_args(argv)
+    if args.summarise:
+        print_summary(Path(args.summarise))
+        return
+    if not args.experiment:
+        parser.error("--experiment is required")
     torch.set_num_threads(args.threads)
     default_n = 200 if kind_of(args.experiment) == "real_facts" else 500
     args.eval_examples = args.eval_examples or default_n

@@ -10,7 +10,6 @@ augment's tokens), written next to the table and logged to the tracker.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,16 +19,9 @@ from comm_cli.compose import ComposedModel
 
 
 def bridge_attention(bridge, anchor_states, keys, positions, attn_mask=None, is_causal=False) -> torch.Tensor:
-    """Attention probabilities (batch, heads, queries, keys) of one bridge call, from its inputs."""
-    queries = bridge.queries(anchor_states, positions)
-    scores = queries @ keys.to(queries.dtype).transpose(-1, -2) / math.sqrt(bridge.head_dim)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    if is_causal:
-        q, k = scores.shape[-2:]
-        causal = torch.ones(q, k, dtype=torch.bool, device=scores.device).tril(k - q)
-        scores = scores.masked_fill(~causal, float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    """Attention probabilities (batch, heads, queries, keys) of one bridge call, from its inputs
+    (``Bridge.attention_weights``: the bridge's own logit scale included)."""
+    return bridge.attention_weights(anchor_states, keys, positions, attn_mask=attn_mask, is_causal=is_causal)
 
 
 @torch.no_grad()
