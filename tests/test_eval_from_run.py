@@ -22,6 +22,15 @@ def run(tmp_path_factory):
     return ws, root / "mine"
 
 
+def _own_data_args(ws, run_dir, root) -> list[str]:
+    return [
+        f"checkpoint={run_dir / 'composition'}",
+        f"data.data_files={ws['data']}",
+        f"output_root={root}",
+        "logger=none",
+    ]
+
+
 def _results(directory):
     data = json.loads((directory / "results.json").read_text())
     return {(r["model"], r["task"], r["metric"]): r for r in data["results"]}
@@ -29,12 +38,8 @@ def _results(directory):
 
 def test_your_file_is_scored_in_one_line_with_the_bridges_off_beside_it(run, tmp_path):
     ws, run_dir = run
-    args = [
-        f"checkpoint={run_dir / 'composition'}",
-        f"data.data_files={ws['data']}",
-        f"output_root={tmp_path}",
-    ]
-    assert run_in_process(eval_main, "comm-eval", [*args, "logger=none"]) == 0
+    args = _own_data_args(ws, run_dir, tmp_path)
+    assert run_in_process(eval_main, "comm-eval", args) == 0
     got = _results(tmp_path / "eval_mine")  # named for the run it evaluates
     task = ws["data"].name.split(".")[0]
     for model in ("calm", "calm (bridges off)"):
@@ -54,14 +59,10 @@ def test_no_data_scores_the_runs_held_out_part_as_training_validated_it(run, tmp
 
 def test_a_second_evaluation_takes_a_new_directory(run, tmp_path):
     ws, run_dir = run
-    args = [
-        f"checkpoint={run_dir / 'composition'}",
-        f"data.data_files={ws['data']}",
-        f"output_root={tmp_path}",
-    ]
-    assert run_in_process(eval_main, "comm-eval", [*args, "logger=none"]) == 0
+    args = _own_data_args(ws, run_dir, tmp_path)
+    assert run_in_process(eval_main, "comm-eval", args) == 0
     first = (tmp_path / "eval_mine" / "results.json").read_text()
-    assert run_in_process(eval_main, "comm-eval", [*args, "logger=none"]) == 0
+    assert run_in_process(eval_main, "comm-eval", args) == 0
     assert (tmp_path / "eval_mine" / "results.json").read_text() == first
     assert (tmp_path / "eval_mine-2" / "results.json").is_file()
 

@@ -12,20 +12,8 @@ import torch
 from benchmarks.bpe_text import BenchText, bench_tokenizer, cut_to_tokens
 from benchmarks.measure import time_interleaved
 from benchmarks.models import PRESETS, base_dtype, build_models, compose, mapping_and_bridge, with_values
+from comm_cli.compose.text import to_device
 from comm_cli.training.models import batch_loss
-
-
-def to_device(batch: dict, device) -> dict:
-    """A collated batch (tensors, and ``augment_inputs``: a list of dicts of tensors or None)."""
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value.to(device)
-        elif isinstance(value, list):
-            out[key] = [None if v is None else {k: t.to(device) for k, t in v.items()} for v in value]
-        else:
-            out[key] = value
-    return out
 
 
 class AlignedVariants:
