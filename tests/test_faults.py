@@ -327,7 +327,7 @@ def test_hydras_own_config_errors_are_one_line_and_exit_2(ws, tmp_path, capsys, 
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("checkpoint=/nonexistent/composition", "'/nonexistent/composition' is not a saved composition"),
+        ("checkpoint=/nonexistent/composition", "checkpoint '/nonexistent/composition' does not exist"),
         ("+task@tasks.mine=jsonl_qa", "data file '/no/such/qa.jsonl' does not exist"),
     ],
 )
@@ -354,12 +354,13 @@ def test_one_console_line_per_checkpoint_and_accelerates_detail_in_the_log(ws, t
     args = base_args(ws, tmp_path, "quiet") + ["trainer.max_steps=8", "trainer.eval_every=null"]
     assert run_train(args) == 0
     out = capfd.readouterr().out
-    # the message after "[time LEVEL logger] " (comm's checkpoint client has "checkpoint" in its name)
-    checkpoint_lines = [line for line in out.splitlines() if "checkpoint" in line.split("] ", 1)[-1]]
+    # the message after "[time LEVEL logger] "; the run's closing summary names the checkpoints
+    # directory and the next command once, after the last step
+    messages = [line.split("] ", 1)[-1] for line in out.splitlines()]
+    during = messages[: next(i for i, m in enumerate(messages) if m.startswith("done: "))]
+    checkpoint_lines = [m for m in during if "checkpoint" in m]
     assert len(checkpoint_lines) == 2, out  # steps 4 and 8
-    assert all(
-        "INFO comm_cli.training.checkpoint_client] checkpoint step" in line for line in checkpoint_lines
-    )
+    assert all(m.startswith("checkpoint step") for m in checkpoint_lines)
     assert "accelerate" not in out
     log = (tmp_path / "quiet" / "train.log").read_text()
     assert "INFO accelerate" in log and "Saving current state" in log

@@ -54,6 +54,7 @@ HYDRA_CONFIG = {
     "comm-eval": "eval",
     "comm-generate": "generate",
     "comm-chat": "chat",
+    "comm-serve": "serve",
     "comm-launch": "train",
 }
 README_PORT = "8000"

@@ -226,12 +226,33 @@ def _declares_generic_tokenizer(name_or_path: str) -> bool:
         return False
 
 
+# What a saved tokenizer writes (any one of them makes a directory a tokenizer's).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
+
+
 def load_tokenizer(name_or_path: str, spec: ModelSpec | None = None, what: str = "tokenizer"):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     # A GGUF spec reads its tokenizer from the same file as its weights (unless the spec names
     # another tokenizer source).
     gguf = _gguf_kwargs(spec) if spec is not None and name_or_path == spec.name_or_path else {}
+    local = Path(name_or_path).expanduser()
+    if not gguf and local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
+        # transformers 5 builds an empty tokenizer of the model's class from a directory with no
+        # tokenizer files; such a tokenizer would be taken for a real, different one
+        raise ModelLoadError(
+            f"the {what}: '{name_or_path}' holds no tokenizer files: set tokenizer=<directory or hub id> "
+            "to one that has them"
+        )
     try:
         if not gguf and _declares_generic_tokenizer(name_or_path):
             tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)

@@ -97,6 +97,7 @@ class AlignedVariants:
 
     def _step(self, path: str):
         """One comm-train step on the path's batch: batch_loss, backward, AdamW over the bridges."""
+        self._use(path)  # the model refuses anchor ids alone while an aligned reader is attached
         batch_loss(self.composed, self.batches[path], composed=True, reduction="mean").backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
